@@ -1,0 +1,3 @@
+from cortex_edge.cli import main
+
+main()

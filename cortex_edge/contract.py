@@ -1,0 +1,115 @@
+"""Every name the exporter and the runtime must agree on: files, graph inputs/outputs, formats.
+
+Stdlib only. Like gguf-py's constants.py, nothing else defines these strings; change one here and
+bump CONTRACT_VERSION. What this leaves out: shapes (see the table below, checked by tests).
+
+Graph signature (both graphs; decode has T = 1, chunk has 1 <= T <= C):
+
+  input_ids          (1, T)            int64    new tokens
+  q_pos              (T,)              int64    RoPE position of each new token (bounded, see runtime/ring.py)
+  win_pos            (W,)              int64    RoPE position of each window slot
+  sink_pos           (T, S)            int64    RoPE position of each sink, seen from each new token
+  attn_mask          (T, S + W + T)    float32  additive mask over [sinks | window | new tokens]
+  past_key.{i}       (1, KV, S + W, hd) float32 un-rotated keys of layer i: [sinks | window ring]
+  past_value.{i}     (1, KV, S + W, hd) float32
+  mem.{l}            (N_l, d_l)        float32  CMS level l memory (dequantized stored state)
+  mem_key.{l}        (N_l, d_k)        float32  CMS level l keys
+->
+  logits             (1, T, V)         float32
+  new_key.{i}        (1, KV, T, hd)    float32  un-rotated keys of the new tokens (the runtime writes the ring)
+  new_value.{i}      (1, KV, T, hd)    float32
+  write_feat         (1, T, d_z)       float32  compressed hidden state per token (the jump map's input)
+"""
+
+from __future__ import annotations
+
+CONTRACT_VERSION = 1
+BUNDLE_FORMAT = "cortex-edge-bundle"
+
+# ---- files inside a bundle
+MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.json"
+DECODE_GRAPH = "decode.onnx"
+CHUNK_GRAPH = "chunk.onnx"
+CMS_WRITE_WEIGHTS = "cms_write.safetensors"
+
+# ---- graph inputs
+INPUT_IDS = "input_ids"
+Q_POS = "q_pos"
+WIN_POS = "win_pos"
+SINK_POS = "sink_pos"
+ATTN_MASK = "attn_mask"
+
+
+def past_key(i: int) -> str:
+    return f"past_key.{i}"
+
+
+def past_value(i: int) -> str:
+    return f"past_value.{i}"
+
+
+def mem(level: int) -> str:
+    return f"mem.{level}"
+
+
+def mem_key(level: int) -> str:
+    return f"mem_key.{level}"
+
+
+# ---- graph outputs
+LOGITS = "logits"
+WRITE_FEAT = "write_feat"
+
+
+def new_key(i: int) -> str:
+    return f"new_key.{i}"
+
+
+def new_value(i: int) -> str:
+    return f"new_value.{i}"
+
+
+def input_names(n_layers: int, n_levels: int) -> list[str]:
+    names = [INPUT_IDS, Q_POS, WIN_POS, SINK_POS, ATTN_MASK]
+    for i in range(n_layers):
+        names += [past_key(i), past_value(i)]
+    for level in range(n_levels):
+        names += [mem(level), mem_key(level)]
+    return names
+
+
+def output_names(n_layers: int) -> list[str]:
+    names = [LOGITS]
+    for i in range(n_layers):
+        names += [new_key(i), new_value(i)]
+    return names + [WRITE_FEAT]
+
+
+# ---- the jump map's weights (NumPy side), stored in CMS_WRITE_WEIGHTS.  Keys are the torch
+# parameter names of cortex_edge.model.cms.CMSWriter, prefixed by nothing.
+WRITE_QUERY = "query.weight"  # (d_k, d_z): query that reads the level below during consolidation
+
+
+def write_param(level: int, name: str) -> str:
+    """name in: z.weight z.bias gate.weight gate.bias value.weight key.weight decay.weight decay.bias"""
+    return f"levels.{level}.{name}"
+
+
+WRITE_PARAM_NAMES = ("z.weight", "z.bias", "gate.weight", "gate.bias", "value.weight", "key.weight",
+                     "decay.weight", "decay.bias")
+
+# ---- formats
+WEIGHT_FORMATS = ("fp32", "int8", "int4")  # int8/int4: weight-only block-wise MatMulNBits
+STATE_FORMATS = ("fp32", "fp16", "int8")  # CMS state between steps; int8 has a scale per slot
+DEFAULT_WEIGHTS = "int8"
+DEFAULT_STATE = "int8"
+
+# ---- sessions (durable chat state)
+SESSION_MAGIC = "cortex-edge-session"
+SESSION_VERSION = 1
+SESSION_SUFFIX = ".cxs"
+
+# ---- validation tolerances (export vs torch), named as optimum's ATOL_FOR_VALIDATION
+ATOL_FP32_LOGITS = 1e-3
+ATOL_FP32_STATE = 1e-4

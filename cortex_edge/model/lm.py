@@ -1,0 +1,226 @@
+"""CortexLM: a Llama-family decoder (HF Llama parameter names and maths) + the CMS sidecar.
+
+`step` is exactly the exported graph (see contract.py for its signature): it takes the bounded
+attention state and the CMS state as explicit tensors and returns logits, the new tokens' keys
+and values, and the per-token write features. `TorchStream` drives it the way the NumPy runtime
+drives the ONNX graph (ring writes, memory events every C tokens), so the two can be compared
+token by token. What this leaves out: tokenization, sampling, storage formats.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cortex_edge.config import ModelConfig
+from cortex_edge.model.cms import CMSReader, CMSWriter, RMSNorm, empty_state
+from cortex_edge.runtime import ring
+
+
+def rope_cos_sin(pos: torch.Tensor, head_dim: int, theta: float):
+    """pos (...,) int64 -> cos, sin (..., hd) in HF's [f, f] layout."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))  # (hd/2,)
+    ang = pos.to(torch.float32).unsqueeze(-1) * inv  # (..., hd/2)
+    ang = torch.cat([ang, ang], dim=-1)  # (..., hd)
+    return ang.cos(), ang.sin()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    rot = torch.cat([-x[..., h:], x[..., :h]], dim=-1)
+    return x * cos + rot * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, H * hd, bias=cfg.attn_bias)
+        self.k_proj = nn.Linear(cfg.dim, KV * hd, bias=cfg.attn_bias)
+        self.v_proj = nn.Linear(cfg.dim, KV * hd, bias=cfg.attn_bias)
+        self.o_proj = nn.Linear(H * hd, cfg.dim, bias=False)
+
+    def forward(self, x, q_rope, win_rope, sink_rope, mask, past_k, past_v):
+        cfg = self.cfg
+        B, T, _ = x.shape
+        H, KV, hd, S = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.sinks
+        G = H // KV
+        q = self.q_proj(x).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, KV, hd).transpose(1, 2)  # (B, KV, T, hd) un-rotated: goes to the ring
+        v = self.v_proj(x).view(B, T, KV, hd).transpose(1, 2)  # (B, KV, T, hd)
+        q = rotate(q, *q_rope)
+        k_new = rotate(k, *q_rope)  # (B, KV, T, hd)
+        k_win = rotate(past_k[:, :, S:], *win_rope)  # (B, KV, W, hd)
+        qg = q.reshape(B, KV, G * T, hd)  # head h = kv * G + g uses kv head h // G (HF repeat_kv)
+        s_win = torch.matmul(qg, k_win.transpose(-1, -2)).view(B, KV, G, T, -1)  # (B, KV, G, T, W)
+        s_new = torch.matmul(qg, k_new.transpose(-1, -2)).view(B, KV, G, T, T)  # (B, KV, G, T, T)
+        parts = [s_win, s_new]
+        if S:
+            cs, ss = sink_rope  # (T, S, hd)
+            k_sink = rotate(past_k[:, :, :S].unsqueeze(2), cs, ss)  # (B, KV, T, S, hd) per-query sink positions
+            q_t = q.view(B, KV, G, T, hd).transpose(2, 3)  # (B, KV, T, G, hd)
+            s_sink = torch.matmul(q_t, k_sink.transpose(-1, -2)).transpose(2, 3)  # (B, KV, G, T, S)
+            parts.insert(0, s_sink)
+        scores = torch.cat(parts, dim=-1) / math.sqrt(hd) + mask  # (B, KV, G, T, S+W+T)
+        p = torch.softmax(scores, dim=-1)
+        v_all = torch.cat([past_v, v], dim=2)  # (B, KV, S+W+T, hd)
+        o = torch.matmul(p.reshape(B, KV, G * T, -1), v_all)  # (B, KV, G*T, hd)
+        o = o.view(B, H, T, hd).transpose(1, 2).reshape(B, T, H * hd)
+        return self.o_proj(o), k, v
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, q_rope, win_rope, sink_rope, mask, past_k, past_v):
+        a, k, v = self.self_attn(self.input_layernorm(x), q_rope, win_rope, sink_rope, mask, past_k, past_v)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), k, v
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+
+class CortexLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.cms_read = CMSReader(cfg.dim, cfg.cms, cfg.norm_eps)
+        self.cms_write = CMSWriter(cfg.cms)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int, std: float = 0.02) -> CortexLM:
+        """Deterministic random init (builtin models are made from a seed). Keeps the sidecar's W_o at zero."""
+        g = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("norm_in.weight") or name.endswith("norm_out.weight") or "layernorm" in name \
+                    or name == "model.norm.weight" or name.endswith("temperature"):
+                p.fill_(1.0)
+            elif name == "cms_read.out.weight":
+                p.zero_()
+            elif name == "cms_read.gate.bias":
+                p.fill_(-1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                fan_in = p.shape[-1] if p.dim() > 1 else 1
+                s = std if p.dim() == 1 or name.startswith(("model.", "lm_head")) else 1.0 / math.sqrt(fan_in)
+                p.copy_(torch.randn(p.shape, generator=g) * s)
+        return self
+
+    def step(self, input_ids, q_pos, win_pos, sink_pos, attn_mask, past_keys, past_values, mems, mem_keys,
+             return_stats: bool = False):
+        """The graph. input_ids (B, T); past_*[i] (B, KV, S+W, hd); mems[l] (B, N_l, d_l); mem_keys[l] (B, N_l, d_k).
+        Returns logits (B, T, V), new keys / values lists (B, KV, T, hd), write_feat (B, T, d_z)."""
+        cfg = self.cfg
+        q_rope = rope_cos_sin(q_pos, cfg.head_dim, cfg.rope_theta)  # (T, hd)
+        win_rope = rope_cos_sin(win_pos, cfg.head_dim, cfg.rope_theta)  # (W, hd)
+        sink_rope = rope_cos_sin(sink_pos, cfg.head_dim, cfg.rope_theta)  # (T, S, hd)
+        x = self.model.embed_tokens(input_ids)  # (B, T, D)
+        new_k, new_v, feat, stats = [], [], None, None
+        for i, layer in enumerate(self.model.layers):
+            x, k, v = layer(x, q_rope, win_rope, sink_rope, attn_mask, past_keys[i], past_values[i])
+            new_k.append(k)
+            new_v.append(v)
+            if i == cfg.memory_layer:
+                if return_stats:
+                    x, feat, stats = self.cms_read(x, mems, mem_keys, return_stats=True)
+                else:
+                    x, feat = self.cms_read(x, mems, mem_keys)
+        logits = self.lm_head(self.model.norm(x))
+        if return_stats:
+            return logits, new_k, new_v, feat, stats
+        return logits, new_k, new_v, feat
+
+
+class TorchStream:
+    """Drives CortexLM.step like the runtime drives the graph: ring writes, a memory event every C tokens.
+
+    Differentiable when built with grad enabled (training backpropagates through memory across chunks).
+    """
+
+    def __init__(self, model: CortexLM, batch: int = 1):
+        cfg = model.cfg
+        self.model, self.cfg, self.batch = model, cfg, batch
+        shape = (batch, cfg.n_kv_heads, cfg.sinks + cfg.window, cfg.head_dim)
+        self.keys = [torch.zeros(shape) for _ in range(cfg.n_layers)]
+        self.values = [torch.zeros(shape) for _ in range(cfg.n_layers)]
+        self.mems, self.mem_keys, self.usage = empty_state(cfg.cms, batch)
+        self.n = 0  # tokens seen
+        self.events = 0
+        self.acc = torch.zeros(batch, cfg.cms.event_dim)  # sum of write_feat over the current chunk
+        self.event_log: list[dict] = []
+
+    def piece(self, ids: torch.Tensor):
+        """ids (B, T), not crossing a chunk boundary -> logits (B, T, V)"""
+        cfg = self.cfg
+        T = ids.shape[1]
+        plan = ring.plan_step(self.n, T, cfg.sinks, cfg.window)
+        t = {k: torch.from_numpy(getattr(plan, k)) for k in ("q_pos", "win_pos", "sink_pos", "attn_mask")}
+        logits, nk, nv, feat = self.model.step(ids, t["q_pos"], t["win_pos"], t["sink_pos"], t["attn_mask"],
+                                               self.keys, self.values, self.mems, self.mem_keys)
+        slots = torch.from_numpy(plan.slots)
+        # later tokens overwrite earlier ones in the same slot only if T > W, which plan_step forbids
+        self.keys = [k.index_copy(2, slots, n) for k, n in zip(self.keys, nk)]
+        self.values = [v.index_copy(2, slots, n) for v, n in zip(self.values, nv)]
+        for i in range(T):  # token by token, the same summation order as the runtime
+            self.acc = self.acc + feat[:, i]
+        self.n += T
+        if self.n % cfg.cms.chunk == 0:
+            self.events += 1
+            s = self.acc / cfg.cms.chunk
+            self.mems, self.mem_keys, self.usage, info = self.model.cms_write.event_step(
+                self.mems, self.mem_keys, self.usage, s, self.events)
+            self.event_log.append(info)
+            self.acc = torch.zeros_like(self.acc)
+        return logits
+
+    def feed(self, ids: torch.Tensor, max_piece: int | None = None) -> torch.Tensor:
+        """ids (B, T) -> logits (B, T, V). max_piece=1 feeds token by token."""
+        out = []
+        pos = 0
+        for n in ring.split_pieces(self.n, ids.shape[1], self.cfg.cms.chunk):
+            parts = [n] if max_piece is None else [min(max_piece, n - j) for j in range(0, n, max_piece)]
+            for p in parts:
+                out.append(self.piece(ids[:, pos:pos + p]))
+                pos += p
+        return torch.cat(out, dim=1)
+
+
+def build(cfg: ModelConfig, seed: int = 0) -> CortexLM:
+    return CortexLM(cfg).init_weights(seed).eval()
+
+
+def numpy_state_dict(model: nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}

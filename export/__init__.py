@@ -1,0 +1,1 @@
+"""Workstation side: torch -> ONNX, validation against torch, bundle writer."""

@@ -1,0 +1,94 @@
+"""torch -> ONNX: the decode graph (T = 1) and the chunk graph (1 <= T <= C), names from contract.py.
+
+Design decision: the graph does the per-token work (transformer + CMS *read*); the CMS *write* (the
+jump map) runs in NumPy in the runtime, on the stored (possibly int8) state. The write happens once
+every C tokens on a few hundred KB, so it costs nothing to keep it out of the graph, and it lets the
+runtime step exactly the state it stores, in whatever format, without a graph per format.
+What this leaves out: quantization (quantize/weights.py) and validation (validate.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cortex_edge import contract
+from cortex_edge.model.lm import CortexLM
+from cortex_edge.runtime import ring
+
+OPSET = 20
+
+
+class GraphModule(nn.Module):
+    """CortexLM.step with flat, named inputs/outputs and batch 1. The output projection is untied."""
+
+    def __init__(self, model: CortexLM):
+        super().__init__()
+        m = copy.deepcopy(model).eval()
+        if m.cfg.tie_embeddings:  # quantizers cannot handle a shared Gather/MatMul initializer well
+            m.lm_head.weight = nn.Parameter(m.model.embed_tokens.weight.detach().clone())
+        self.m = m
+
+    def forward(self, input_ids, q_pos, win_pos, sink_pos, attn_mask, *state):
+        cfg = self.m.cfg
+        L, lv = cfg.n_layers, cfg.cms.levels
+        pk, pv = list(state[0:2 * L:2]), list(state[1:2 * L:2])
+        mems = [t.unsqueeze(0) for t in state[2 * L::2]]  # (1, N_l, d_l)
+        keys = [t.unsqueeze(0) for t in state[2 * L + 1::2]]
+        assert len(mems) == lv
+        logits, nk, nv, feat = self.m.step(input_ids, q_pos, win_pos, sink_pos, attn_mask, pk, pv, mems, keys)
+        out = [logits]
+        for k, v in zip(nk, nv):
+            out += [k, v]
+        return tuple(out + [feat])
+
+
+def example_inputs(cfg, t: int, n_past: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random but valid graph inputs (state values random, bookkeeping from ring.plan_step)."""
+    rng = np.random.default_rng(seed)
+    plan = ring.plan_step(n_past, t, cfg.sinks, cfg.window)
+    feed = {contract.INPUT_IDS: rng.integers(0, cfg.vocab_size, (1, t)).astype(np.int64),
+            contract.Q_POS: plan.q_pos, contract.WIN_POS: plan.win_pos, contract.SINK_POS: plan.sink_pos,
+            contract.ATTN_MASK: plan.attn_mask}
+    shape = (1, cfg.n_kv_heads, cfg.sinks + cfg.window, cfg.head_dim)
+    for i in range(cfg.n_layers):
+        feed[contract.past_key(i)] = rng.standard_normal(shape).astype(np.float32)
+        feed[contract.past_value(i)] = rng.standard_normal(shape).astype(np.float32)
+    for lvl, (n, d) in enumerate(zip(cfg.cms.slots, cfg.cms.widths)):
+        feed[contract.mem(lvl)] = rng.standard_normal((n, d)).astype(np.float32)
+        feed[contract.mem_key(lvl)] = rng.standard_normal((n, cfg.cms.key_dim)).astype(np.float32)
+    return feed
+
+
+def run_torch(module: GraphModule, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    cfg = module.m.cfg
+    names = contract.input_names(cfg.n_layers, cfg.cms.levels)
+    with torch.no_grad():
+        outs = module(*[torch.from_numpy(feed[n]) for n in names])
+    return [o.numpy() for o in outs]
+
+
+def export_graph(model: CortexLM, path: Path, chunk: bool) -> None:
+    cfg = model.cfg
+    module = GraphModule(model)
+    t = min(2, cfg.cms.chunk) if chunk else 1
+    feed = example_inputs(cfg, t, n_past=cfg.sinks + cfg.window + 3)
+    in_names = contract.input_names(cfg.n_layers, cfg.cms.levels)
+    out_names = contract.output_names(cfg.n_layers)
+    dyn = None
+    if chunk:
+        dyn = {contract.INPUT_IDS: {1: "T"}, contract.Q_POS: {0: "T"}, contract.SINK_POS: {0: "T"},
+               contract.ATTN_MASK: {0: "T", 1: "SWT"}, contract.LOGITS: {1: "T"}, contract.WRITE_FEAT: {1: "T"}}
+        for i in range(cfg.n_layers):
+            dyn[contract.new_key(i)] = {2: "T"}
+            dyn[contract.new_value(i)] = {2: "T"}
+    args = tuple(torch.from_numpy(feed[n]) for n in in_names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, args, str(path), input_names=in_names, output_names=out_names,
+                          dynamic_axes=dyn, opset_version=OPSET, dynamo=False, do_constant_folding=True)

@@ -1,0 +1,91 @@
+"""Export validation against torch, output by output and state by state (as optimum's _run_validation).
+
+Two checks, both written into the bundle manifest:
+  graphs   the fp32 ONNX graphs against CortexLM.step on random inputs (decode and chunk, an empty
+           and a wrapped ring), every output, tolerance contract.ATOL_FP32_LOGITS;
+  stream   the finished bundle through the NumPy runtime (quantized weights and state included)
+           against TorchStream on a 300-token run crossing the window and several memory events:
+           logits, top-1 agreement, KL, and every CMS level's memory and keys.
+What this leaves out: writing files (bundle_writer.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from cortex_edge import contract
+from cortex_edge.export.onnx_export import GraphModule, example_inputs, run_torch
+from cortex_edge.model.lm import CortexLM, TorchStream
+
+STREAM_TOKENS = 300
+
+
+class ValidationError(RuntimeError):
+    pass
+
+
+def validate_graphs(model: CortexLM, decode_path: Path, chunk_path: Path) -> dict:
+    cfg = model.cfg
+    module = GraphModule(model)
+    names = contract.output_names(cfg.n_layers)
+    report: dict = {"atol": contract.ATOL_FP32_LOGITS, "cases": [], "max_abs_diff": {}}
+    worst = 0.0
+    for path, ts in ((decode_path, [1]), (chunk_path, sorted({1, min(3, cfg.cms.chunk), cfg.cms.chunk}))):
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        for t in ts:
+            for n_past in (0, cfg.sinks + cfg.window + 7):
+                feed = example_inputs(cfg, t, n_past, seed=t * 1000 + n_past)
+                got = sess.run(names, feed)
+                ref = run_torch(module, feed)
+                for name, g, r in zip(names, got, ref):
+                    d = float(np.max(np.abs(g - r)))
+                    report["max_abs_diff"][name] = max(report["max_abs_diff"].get(name, 0.0), d)
+                    worst = max(worst, d)
+                report["cases"].append({"graph": path.name, "T": t, "n_past": n_past})
+    report["worst"] = worst
+    report["passed"] = worst <= contract.ATOL_FP32_LOGITS
+    return report
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def validate_stream(model: CortexLM, bundle_dir: Path, tokens: int = STREAM_TOKENS, seed: int = 0) -> dict:
+    from cortex_edge.runtime.bundle import load_bundle
+    from cortex_edge.runtime.engine import Engine
+
+    cfg = model.cfg
+    ids = np.random.default_rng(seed).integers(3, cfg.vocab_size, tokens)
+    with torch.no_grad():
+        ts = TorchStream(model)
+        ref = ts.feed(torch.from_numpy(ids)[None])[0].numpy()  # (N, V)
+    eng = Engine(load_bundle(bundle_dir), threads=1)
+    st = eng.new_state()
+    got = eng.feed(st, ids, all_logits=True)  # (N, V)
+    lp, lq = _log_softmax(ref), _log_softmax(got)
+    kl = float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)))
+    state = []
+    for lvl, (m, k) in enumerate(st.views):
+        state.append({"level": lvl, "mem_max_abs_diff": float(np.max(np.abs(m - ts.mems[lvl][0].numpy()))),
+                      "keys_max_abs_diff": float(np.max(np.abs(k - ts.mem_keys[lvl][0].numpy()))),
+                      "mem_norm": float(np.linalg.norm(ts.mems[lvl][0].numpy()))})
+    return {"tokens": tokens, "events": st.events, "window_wrapped": tokens > cfg.sinks + cfg.window,
+            "logits_max_abs_diff": float(np.max(np.abs(got - ref))),
+            "top1_agreement": float(np.mean(got.argmax(-1) == ref.argmax(-1))), "mean_kl": kl, "state": state}
+
+
+def check_exact(stream: dict) -> None:
+    """fp32 weights + fp32 state must match torch to the named tolerances."""
+    if stream["logits_max_abs_diff"] > contract.ATOL_FP32_LOGITS:
+        raise ValidationError(f"runtime logits differ from torch by {stream['logits_max_abs_diff']:.2e} "
+                              f"> {contract.ATOL_FP32_LOGITS}")
+    for s in stream["state"]:
+        worst = max(s["mem_max_abs_diff"], s["keys_max_abs_diff"])
+        if worst > contract.ATOL_FP32_STATE:
+            raise ValidationError(f"CMS level {s['level']} state differs from torch by {worst:.2e}")

@@ -1,0 +1,1 @@
+"""Weight passes (onnxruntime.quantization, workstation) and memory-state codecs (NumPy, device)."""

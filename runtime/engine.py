@@ -1,0 +1,177 @@
+"""The runtime engine: holds the state, runs the ONNX graphs, steps the CMS jump map in NumPy.
+
+NumPy + onnxruntime only. One token's path:
+
+   token ─► plan (ring.py: slots, positions, mask) ─► ONNX graph ─► logits ─► sampler
+                                                        │  ▲
+                               new K/V rows ◄───────────┘  │ mem.{l}, mem_key.{l}: fp32 views of the stored state
+                               write_feat ─► acc += feat    │
+   every C tokens: s = acc / C ─► jump map (cms.py) on decode(stored) ─► encode ─► stored ─► fresh fp32 views
+
+State (all of it fixed-size, whatever the history length):
+   kv      per layer: keys, values (1, KV, S + W, hd) fp32     the attention ring with sinks
+   cms     per level: memory (N_l, d_l), keys (N_l, d_k) in the bundle's state format; usage (N_l,) fp32
+   acc     (d_z,) fp32   sum of write_feat over the current chunk
+   n, events             tokens seen, memory events done
+What this leaves out: tokenization, sampling, sessions on disk (session.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnxruntime as ort
+
+from cortex_edge import contract
+from cortex_edge.config import ModelConfig
+from cortex_edge.quantize import state_codec
+from cortex_edge.runtime import cms, ring
+from cortex_edge.runtime.bundle import Bundle
+from cortex_edge.runtime.errors import BundleError
+
+
+@dataclass
+class StoredLevel:
+    mem: dict[str, np.ndarray]  # encoded (N, d)
+    keys: dict[str, np.ndarray]  # encoded (N, d_k)
+    usage: np.ndarray  # (N,) float32
+
+
+@dataclass
+class State:
+    keys: list[np.ndarray]
+    values: list[np.ndarray]
+    levels: list[StoredLevel]
+    acc: np.ndarray
+    n: int = 0
+    events: int = 0
+    views: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # derived fp32 (mem, keys)
+
+    def copy(self) -> State:
+        return copy.deepcopy(self)
+
+
+class Engine:
+    def __init__(self, bundle: Bundle, threads: int | None = None):
+        self.bundle = bundle
+        self.cfg: ModelConfig = bundle.config
+        self.state_format = bundle.state_format
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = int(threads or min(4, os.cpu_count() or 1))
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        self.threads = opts.intra_op_num_threads
+        try:
+            self.decode_sess = ort.InferenceSession(str(bundle.file(contract.DECODE_GRAPH)), opts,
+                                                    providers=["CPUExecutionProvider"])
+            self.chunk_sess = ort.InferenceSession(str(bundle.file(contract.CHUNK_GRAPH)), opts,
+                                                   providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types for bad models
+            raise BundleError(f"onnxruntime cannot load the bundle's graphs: {str(e).splitlines()[0][:200]}") from None
+        self.write_w = load_write_weights(bundle)
+        L, lv = self.cfg.n_layers, self.cfg.cms.levels
+        self._in = contract.input_names(L, lv)
+        self._out = contract.output_names(L)
+
+    # ------------------------------------------------------------------ state
+    def new_state(self) -> State:
+        c = self.cfg
+        shape = (1, c.n_kv_heads, c.sinks + c.window, c.head_dim)
+        levels = [self._store(lv) for lv in cms.empty_levels(c.cms)]
+        st = State(keys=[np.zeros(shape, np.float32) for _ in range(c.n_layers)],
+                   values=[np.zeros(shape, np.float32) for _ in range(c.n_layers)],
+                   levels=levels, acc=np.zeros(c.cms.event_dim, np.float32))
+        self.refresh_views(st)
+        return st
+
+    def _store(self, lv: cms.Level) -> StoredLevel:
+        mem, _ = state_codec.encode(lv.mem, self.state_format)
+        keys, _ = state_codec.encode(lv.keys, self.state_format)
+        return StoredLevel(mem=mem, keys=keys, usage=lv.usage.astype(np.float32))
+
+    def _load(self, s: StoredLevel) -> cms.Level:
+        return cms.Level(state_codec.decode(s.mem, self.state_format),
+                         state_codec.decode(s.keys, self.state_format), s.usage.copy())
+
+    def refresh_views(self, st: State) -> None:
+        st.views = [(np.ascontiguousarray(state_codec.decode(s.mem, self.state_format)),
+                     np.ascontiguousarray(state_codec.decode(s.keys, self.state_format))) for s in st.levels]
+
+    def state_bytes(self, st: State) -> list[int]:
+        return [state_codec.nbytes(s.mem) + state_codec.nbytes(s.keys) + s.usage.nbytes for s in st.levels]
+
+    # ------------------------------------------------------------------ stepping
+    def _piece(self, st: State, ids: np.ndarray) -> np.ndarray:
+        """ids (T,) within one chunk -> logits (T, V); updates st."""
+        c = self.cfg
+        T = int(ids.shape[0])
+        plan = ring.plan_step(st.n, T, c.sinks, c.window)
+        feed = {contract.INPUT_IDS: ids.reshape(1, T).astype(np.int64), contract.Q_POS: plan.q_pos,
+                contract.WIN_POS: plan.win_pos, contract.SINK_POS: plan.sink_pos, contract.ATTN_MASK: plan.attn_mask}
+        for i in range(c.n_layers):
+            feed[contract.past_key(i)] = st.keys[i]
+            feed[contract.past_value(i)] = st.values[i]
+        for lvl, (m, k) in enumerate(st.views):
+            feed[contract.mem(lvl)] = m
+            feed[contract.mem_key(lvl)] = k
+        sess = self.decode_sess if T == 1 else self.chunk_sess
+        outs = sess.run(self._out, feed)
+        for i in range(c.n_layers):
+            st.keys[i][:, :, plan.slots, :] = outs[1 + 2 * i]
+            st.values[i][:, :, plan.slots, :] = outs[2 + 2 * i]
+        feat = outs[-1][0]  # (T, d_z)
+        for t in range(T):  # token by token: the same summation order whatever the piece size
+            st.acc += feat[t]
+        st.n += T
+        if st.n % c.cms.chunk == 0:
+            self.memory_event(st)
+        return outs[0][0]
+
+    def memory_event(self, st: State) -> dict:
+        c = self.cfg.cms
+        st.events += 1
+        s = st.acc / np.float32(c.chunk)
+        levels = [self._load(x) for x in st.levels]
+        new, info = cms.event_step(levels, s, st.events, self.write_w, c)
+        st.levels = [self._store(x) for x in new]
+        st.acc = np.zeros_like(st.acc)
+        self.refresh_views(st)
+        return info
+
+    def feed(self, st: State, ids, max_piece: int | None = None, all_logits: bool = False) -> np.ndarray:
+        """Feed tokens; returns the last token's logits (V,) or all (T, V). max_piece=1: token by token."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            raise ValueError("nothing to feed")
+        if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
+            raise ValueError("token id out of the vocabulary")
+        out, pos = [], 0
+        for n in ring.split_pieces(st.n, ids.size, self.cfg.cms.chunk):
+            step = n if max_piece is None else max_piece
+            for j in range(0, n, step):
+                p = min(step, n - j)
+                logits = self._piece(st, ids[pos:pos + p])
+                pos += p
+                if all_logits:
+                    out.append(logits)
+        return np.concatenate(out, axis=0) if all_logits else logits[-1]
+
+
+def load_write_weights(bundle: Bundle) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        w = load_file(str(bundle.file(contract.CMS_WRITE_WEIGHTS)))
+    except (SafetensorError, OSError) as e:
+        raise BundleError(f"CMS write weights unreadable: {e}") from None
+    need = [contract.WRITE_QUERY] + [contract.write_param(lvl, n) for lvl in range(bundle.config.cms.levels)
+                                     for n in contract.WRITE_PARAM_NAMES]
+    missing = [k for k in need if k not in w]
+    if missing:
+        raise BundleError(f"CMS write weights lack {missing[0]}")
+    return {k: v.astype(np.float32) for k, v in w.items()}
