@@ -13,14 +13,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+from cortex_edge.export import onnx_export, validate
+from cortex_edge.quantize.weights import quantize_graph
+from cortex_edge.runtime.bundle import fingerprint, sha256_file
 from safetensors.numpy import save_file
 
 import cortex_edge
 from cortex_edge import contract
-from cortex_edge.export import onnx_export, validate
 from cortex_edge.model.lm import CortexLM
-from cortex_edge.quantize.weights import quantize_graph
-from cortex_edge.runtime.bundle import fingerprint, sha256_file
 
 
 def _progress(msg: str, quiet: bool) -> None:

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cortex_edge.runtime.errors import BundleError
+
 from cortex_edge import contract
 from cortex_edge.config import ConfigError, ModelConfig
-from cortex_edge.runtime.errors import BundleError
 
 MAX_MANIFEST_BYTES = 16 << 20
 REQUIRED_FILES = (contract.DECODE_GRAPH, contract.CHUNK_GRAPH, contract.TOKENIZER, contract.CMS_WRITE_WEIGHTS)

@@ -24,13 +24,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnxruntime as ort
-
-from cortex_edge import contract
-from cortex_edge.config import ModelConfig
 from cortex_edge.quantize import state_codec
 from cortex_edge.runtime import cms, ring
 from cortex_edge.runtime.bundle import Bundle
 from cortex_edge.runtime.errors import BundleError
+
+from cortex_edge import contract
+from cortex_edge.config import ModelConfig
 
 
 @dataclass

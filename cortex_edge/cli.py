@@ -1,0 +1,255 @@
+"""The `cortex-edge` command: export (workstation), chat, bench, info (device).
+
+Heavy imports live inside the command that needs them, so `cortex-edge --help` is instant on a Pi
+and chat/bench/info never import torch. Every user mistake ends as one line on stderr and a
+non-zero exit (2 for usage and input errors, 130 for Ctrl-C), never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from cortex_edge import contract
+
+DEFAULT_MODEL = "builtin:tiny"
+
+
+def _fail(msg: str, code: int = 2):
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(code)
+
+
+def _contexts(value: str) -> list[int]:
+    out = []
+    for part in value.split(","):
+        part = part.strip().lower()
+        mult = 1
+        if part.endswith("k"):
+            mult, part = 1024, part[:-1]
+        elif part.endswith("m"):
+            mult, part = 1 << 20, part[:-1]
+        if not part.isdigit():
+            raise click.BadParameter(f"{value!r} is not a comma-separated list of token counts (e.g. 512,4k,1m)")
+        out.append(int(part) * mult)
+    return out
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="cortex-edge")
+def cli():
+    """Long-memory LM on a Raspberry Pi 5: export on a workstation, chat and bench on the device."""
+
+
+@cli.command()
+@click.argument("model", default=DEFAULT_MODEL)
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="bundle folder to write")
+@click.option("--weights", type=click.Choice(contract.WEIGHT_FORMATS), default=contract.DEFAULT_WEIGHTS,
+              show_default=True, help="weight format (int8/int4: weight-only MatMulNBits)")
+@click.option("--state", type=click.Choice(contract.STATE_FORMATS), default=contract.DEFAULT_STATE,
+              show_default=True, help="CMS state storage format")
+@click.option("--force", is_flag=True, help="replace an existing bundle folder")
+def export(model, out, weights, state, force):
+    """Export MODEL (builtin:tiny) to a bundle folder."""
+    from cortex_edge.default_bundle import torch_available
+
+    if not torch_available():
+        _fail("export needs the workstation extra: pip install 'cortex-edge[export]'")
+    from cortex_edge.export.pipeline import export_model
+
+    man = export_model(model, Path(out), weights=weights, state=state, force=force)
+    v = man["validation"]["stream"]
+    click.echo(f"wrote {out}: {weights} weights, {state} state, {sum(f['bytes'] for f in man['files'].values()) / 1e6:.2f} MB; "
+               f"runtime vs torch over {v['tokens']} tokens: top-1 {v['top1_agreement']:.3f}, "
+               f"max |dlogit| {v['logits_max_abs_diff']:.2e}")
+
+
+def _engine(bundle: str | None, threads: int | None):
+    from cortex_edge.runtime.bundle import load_bundle
+    from cortex_edge.runtime.engine import Engine
+
+    if bundle is None:
+        from cortex_edge.default_bundle import default_bundle
+
+        bundle = str(default_bundle())
+    return Engine(load_bundle(bundle), threads=threads)
+
+
+@cli.command()
+@click.argument("bundle", required=False, type=click.Path())
+@click.option("--session", "session", default="default", show_default=True,
+              help="name of the durable session (memory kept across restarts)")
+@click.option("--no-session", is_flag=True, help="do not load or save any session")
+@click.option("--prompt", default=None, help="one turn, then exit (for scripts)")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.7, show_default=True)
+@click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True)
+@click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=0.95, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--threads", type=click.IntRange(min=1), default=None)
+def chat(bundle, session, no_session, prompt, max_new_tokens, temperature, top_k, top_p, seed, threads):
+    """Chat with BUNDLE. REPL commands: /reset /stats /quit."""
+    from cortex_edge.runtime import session as sess
+    from cortex_edge.runtime.chat import Chat
+    from cortex_edge.runtime.sampling import Sampling
+
+    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    engine = _engine(bundle, threads)
+    path = None if no_session else sess.session_path(session)
+    state, turns = None, 0
+    if path is not None:
+        try:
+            state, extra, which = sess.load(path, engine)
+            turns = int(extra.get("turns", 0))
+            if which == "backup":
+                click.echo(f"warning: session {session} was damaged; restored its previous version", err=True)
+        except FileNotFoundError:
+            pass
+    c = Chat(engine, state, turns)
+
+    def one_turn(text: str) -> None:
+        for delta in c.turn(text, sampling, max_new_tokens):
+            click.echo(delta, nl=False)
+        click.echo()
+        if path is not None:
+            sess.save(path, engine, c.state, {"turns": c.turns})
+
+    if prompt is not None:
+        one_turn(prompt)
+        return
+    click.echo(f"cortex-edge chat: {engine.bundle.path} (session: {'none' if path is None else session}, "
+               f"{c.state.n} tokens remembered). /reset /stats /quit", err=True)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            click.echo()
+            return
+        except KeyboardInterrupt:
+            click.echo()
+            return
+        cmd = line.strip()
+        if cmd in ("/quit", "/exit"):
+            return
+        if cmd == "/reset":
+            c.reset()
+            if path is not None:
+                sess.save(path, engine, c.state, {"turns": 0})
+            click.echo("(memory cleared)", err=True)
+            continue
+        if cmd == "/stats":
+            s = c.last
+            click.echo(json.dumps({"tokens_remembered": c.state.n, "memory_events": c.state.events,
+                                   "turns": c.turns, "state_bytes_per_level": engine.state_bytes(c.state),
+                                   "last_turn": {"prompt_tokens": s.prompt_tokens, "new_tokens": s.new_tokens,
+                                                 "prefill_s": round(s.prefill_s, 4),
+                                                 "decode_ms_per_token": round(1e3 * s.decode_s / max(1, s.new_tokens), 2)}},
+                                  indent=1), err=True)
+            continue
+        if not cmd:
+            continue
+        try:
+            one_turn(line)
+        except KeyboardInterrupt:
+            click.echo("\n(interrupted: this turn was not kept)", err=True)
+        except sess.SessionError:
+            raise
+        except Exception as e:
+            from cortex_edge.runtime.errors import CortexError
+
+            if isinstance(e, CortexError):
+                click.echo(f"error: {e}", err=True)
+            else:
+                raise
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--context", "context", default="0,512,4k", show_default=True,
+              help="history lengths to measure at, e.g. 1k,16k,256k,1m")
+@click.option("--new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="write the report here")
+@click.option("--plot", "plot_out", type=click.Path(dir_okay=False), default=None,
+              help="PNG of latency and RSS against history (needs matplotlib)")
+def bench(bundle, context, new_tokens, threads, json_out, plot_out):
+    """Measure BUNDLE on this device: TTFT, prefill, decode latency, RSS, state size vs caches."""
+    from cortex_edge.runtime import bench as b
+
+    contexts = _contexts(context)
+    engine = _engine(bundle, threads)
+    rep = b.run(engine, contexts, new_tokens, show_progress=sys.stderr.isatty())
+    click.echo(f"{engine.bundle.path}  weights={rep['weights']} state={rep['state']} threads={rep['threads']}  "
+               f"cpu={rep['cpu']['model']}")
+    click.echo(f"{'history':>9} {'prefill tok/s':>13} {'TTFT s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
+               f"{'tok/s':>8} {'RSS MiB':>8}")
+    for r in rep["results"]:
+        pf = f"{r['prefill_tokens_per_s']:.0f}" if r["prefill_tokens_per_s"] else "-"
+        click.echo(f"{r['context']:>9} {pf:>13} {r['time_to_first_token_s']:>8.3f} {r['decode_ms_p50']:>8.2f} "
+                   f"{r['decode_ms_p95']:>8.2f} {r['decode_ms_p99']:>8.2f} {r['decode_tokens_per_s']:>8.1f} "
+                   f"{r['rss_bytes'] / 2**20:>8.1f}")
+    lv = ", ".join(f"L{i}: {x / 1024:.1f} KiB" for i, x in enumerate(rep["state_bytes_per_level"]))
+    click.echo(f"CMS state per level: {lv}  (L2 {rep['caches'].get('L2', 0) // 1024} KiB per core, "
+               f"fits: {rep['state_fits']['L2']})")
+    click.echo(f"peak RSS {rep['peak_rss_bytes'] / 2**20:.1f} MiB; read bandwidth {rep['read_bandwidth_gbps']:.1f} GB/s; "
+               f"{rep['bytes_read_per_token'] / 1e6:.2f} MB read per token -> ceiling "
+               f"{rep['bandwidth_ceiling_tokens_per_s']:.0f} tok/s here, about {rep['pi5_estimate_tokens_per_s']:.0f} "
+               f"tok/s on a Pi 5 ({b.PI5_READ_GBPS:.0f} GB/s)")
+    if json_out:
+        Path(json_out).write_text(json.dumps(rep, indent=1))
+        click.echo(f"wrote {json_out}")
+    if plot_out:
+        b.plot(rep, plot_out)
+        click.echo(f"wrote {plot_out}")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path())
+def info(bundle):
+    """Verify BUNDLE (checksums, contract version) and describe it."""
+    from cortex_edge.runtime.bundle import load_bundle
+
+    b = load_bundle(bundle)
+    m, c = b.manifest, b.config
+    click.echo(f"bundle      {b.path}  (contract v{m['contract_version']}, checksums OK)")
+    click.echo(f"model       {m['model'].get('source')}: {m['model'].get('parameters', 0):,} parameters, "
+               f"{c.n_layers} layers, dim {c.dim}, vocab {c.vocab_size}")
+    click.echo(f"attention   {c.sinks} sinks + window {c.window}; CMS read after layer {c.memory_layer}")
+    click.echo(f"memory      levels {list(zip(c.cms.slots, c.cms.widths))} d_k {c.cms.key_dim}, event every "
+               f"{c.cms.chunk} tokens, write_every {list(c.cms.write_every)}, addressing {c.cms.addressing}")
+    click.echo(f"formats     weights {b.weights}, state {b.state_format}")
+    v = m.get("validation", {}).get("stream")
+    if v:
+        click.echo(f"validation  {v['tokens']} tokens, {v['events']} events: top-1 {v['top1_agreement']:.3f}, "
+                   f"KL {v['mean_kl']:.2e}, max |dlogit| {v['logits_max_abs_diff']:.2e}")
+    for name, f in sorted(m["files"].items()):
+        click.echo(f"  {name:<24} {f['bytes']:>12,} B  sha256 {f['sha256'][:16]}…")
+
+
+def main(argv=None) -> None:
+    from cortex_edge.runtime.errors import CortexError
+
+    try:
+        cli.main(args=argv, prog_name="cortex-edge", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        _fail(e.format_message().replace("\n", " "), e.exit_code or 2)
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted", err=True)
+        sys.exit(130)
+    except CortexError as e:
+        _fail(str(e))
+    except (FileExistsError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        _fail(f"{e.strerror or e}: {e.filename}" if getattr(e, "filename", None) else str(e))
+    except BrokenPipeError:
+        os._exit(0)
+    except ValueError as e:
+        if os.environ.get("CORTEX_EDGE_DEBUG"):
+            raise
+        _fail(str(e))

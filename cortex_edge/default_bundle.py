@@ -1,0 +1,49 @@
+"""The bundle `cortex-edge chat` uses when none is given: exported once into a cache folder.
+
+Stdlib only; the export itself (torch) is imported only when the cache is empty.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cortex_edge import contract
+
+DEFAULT_SOURCE = "builtin:tiny"
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("CORTEX_EDGE_HOME")
+    if base:
+        return Path(base) / "bundles"
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "cortex-edge" / "bundles"
+
+
+def torch_available() -> bool:
+    """True when the workstation extra (torch) can be imported; never imports it."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def default_bundle() -> Path:
+    from cortex_edge.runtime.errors import CortexError
+
+    name = f"{DEFAULT_SOURCE.replace(':', '-')}-{contract.DEFAULT_WEIGHTS}-{contract.DEFAULT_STATE}"
+    path = cache_dir() / name
+    if (path / contract.MANIFEST).is_file():
+        return path
+    if not torch_available():
+        raise CortexError("no bundle given and no cached default: export one on a workstation "
+                          "(pip install 'cortex-edge[export]'; cortex-edge export builtin:tiny --out bundle/) "
+                          "and run cortex-edge chat bundle/") from None
+    from cortex_edge.export.pipeline import export_model
+
+    print(f"first run: exporting {DEFAULT_SOURCE} into {path} (once)")
+    export_model(DEFAULT_SOURCE, path, force=True)
+    return path

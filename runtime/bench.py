@@ -1,0 +1,218 @@
+"""On-device measurement: time to first token, prefill, decode latency, RSS, state size vs caches.
+
+NumPy + onnxruntime + psutil. Speeds are measured here, never asserted in tests.
+What this leaves out: comparisons with peers (bench/ scripts at the repo root).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+from cortex_edge.runtime.engine import Engine
+
+PI5_CACHES = {"L1d": 64 << 10, "L2": 512 << 10, "L3": 2 << 20}  # per core L1d, L2; shared L3
+PI5_READ_GBPS = 9.0  # measured streaming read on a Pi 5 (single thread)
+
+
+def _parse_size(s: str) -> int:
+    s = s.strip().upper()
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(s[-1:], 1)
+    return int(s.rstrip("KMG")) * mult
+
+
+def cpu_caches() -> dict:
+    """Cache sizes of cpu0 from sysfs; Pi 5 figures where absent."""
+    out: dict = {}
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    try:
+        for idx in sorted(base.glob("index*")):
+            level = (idx / "level").read_text().strip()
+            kind = (idx / "type").read_text().strip()
+            if kind == "Instruction":
+                continue
+            out[f"L{level}" + ("d" if kind == "Data" else "")] = _parse_size((idx / "size").read_text())
+    except OSError:
+        pass
+    source = "sysfs" if out else "pi5-defaults"
+    if not out:
+        out = dict(PI5_CACHES)
+    out["source"] = source
+    return out
+
+
+def cpu_info() -> dict:
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if ":" in line:
+                k, v = (x.strip() for x in line.split(":", 1))
+                fields.setdefault(k.lower(), v)
+    except OSError:
+        pass
+    # x86: "model name"; a Pi: "Model" (board) and "CPU part" 0xd0b (Cortex-A76)
+    model = fields.get("model name") or fields.get("model") or fields.get("hardware") or platform.machine()
+    if fields.get("cpu part") == "0xd0b":
+        model = f"{model} (Cortex-A76)" if "A76" not in model else model
+    freq = psutil.cpu_freq()
+    return {"model": model, "machine": platform.machine(), "cores": os.cpu_count(),
+            "mhz": round(freq.current) if freq else None, "emulated": os.environ.get("ARM_EMULATED") == "1"}
+
+
+def pi_thermal() -> dict | None:
+    """SoC temperature and throttling flags on a Raspberry Pi (None elsewhere)."""
+    out = {}
+    try:
+        out["temp_c"] = int(Path("/sys/class/thermal/thermal_zone0/temp").read_text()) / 1000
+    except (OSError, ValueError):
+        return None
+    import shutil
+    import subprocess
+
+    if shutil.which("vcgencmd"):
+        try:
+            r = subprocess.run(["vcgencmd", "get_throttled"], capture_output=True, text=True, timeout=5)
+            out["throttled"] = r.stdout.strip().split("=")[-1]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return out
+
+
+class RSSSampler:
+    """Samples this process's RSS every `every` seconds in a thread."""
+
+    def __init__(self, every: float = 0.05):
+        self.proc, self.every, self.samples = psutil.Process(), every, []
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        t0 = time.perf_counter()
+        while not self._stop.is_set():
+            self.samples.append((time.perf_counter() - t0, self.proc.memory_info().rss))
+            self._stop.wait(self.every)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+    @property
+    def peak(self) -> int:
+        return max((r for _, r in self.samples), default=self.proc.memory_info().rss)
+
+
+def read_bandwidth_gbps(mb: int = 256) -> float:
+    """Single-thread streaming read bandwidth (NumPy sum over a buffer larger than the caches)."""
+    a = np.ones(mb << 18, dtype=np.float32)  # mb MiB
+    a.sum()
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - t)
+    return a.nbytes / best / 1e9
+
+
+def weight_bytes(engine: Engine) -> int:
+    from cortex_edge import contract
+
+    return engine.bundle.manifest["files"][contract.DECODE_GRAPH]["bytes"]
+
+
+def run_context(engine: Engine, context: int, new_tokens: int, seed: int = 0, progress=None) -> dict:
+    rng = np.random.default_rng(seed)
+    V = engine.cfg.vocab_size
+    st = engine.new_state()
+    ids = rng.integers(3, V, context)
+    t0 = time.perf_counter()
+    step = max(engine.cfg.cms.chunk * 64, 1)
+    for j in range(0, context, step):
+        engine.feed(st, ids[j:j + step])
+        if progress:
+            progress(min(step, context - j))
+    prefill_s = time.perf_counter() - t0
+    lat = []
+    tok = int(rng.integers(3, V))
+    t_first = None
+    for i in range(new_tokens):
+        t = time.perf_counter()
+        logits = engine.feed(st, [tok])
+        tok = int(np.argmax(logits))
+        lat.append(time.perf_counter() - t)
+        if i == 0:
+            t_first = time.perf_counter() - t0
+    ms = np.array(lat) * 1e3
+    return {"context": context, "prefill_tokens_per_s": context / prefill_s if context else None,
+            "prefill_s": prefill_s, "time_to_first_token_s": t_first,
+            "decode_ms_p50": float(np.percentile(ms, 50)), "decode_ms_p95": float(np.percentile(ms, 95)),
+            "decode_ms_p99": float(np.percentile(ms, 99)), "decode_tokens_per_s": float(1e3 / ms.mean()),
+            "rss_bytes": psutil.Process().memory_info().rss, "events": st.events,
+            "state_bytes_per_level": engine.state_bytes(st)}
+
+
+def run(engine: Engine, contexts: list[int], new_tokens: int, show_progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    caches = cpu_caches()
+    thermal_before = pi_thermal()
+    bw = read_bandwidth_gbps()
+    results = []
+    total = sum(contexts)
+    with RSSSampler() as rss, tqdm(total=total, unit="tok", desc="prefill", disable=not show_progress
+                                   or total < 2000, leave=False) as bar:
+        for c in contexts:
+            r = run_context(engine, c, new_tokens, progress=bar.update)
+            r["peak_rss_bytes_so_far"] = rss.peak
+            results.append(r)
+    st = engine.new_state()
+    levels = engine.state_bytes(st)
+    wbytes = weight_bytes(engine)
+    per_token_bytes = wbytes + sum(a.nbytes for a in st.keys + st.values)
+    out = {
+        "bundle": str(engine.bundle.path), "weights": engine.bundle.weights, "state": engine.bundle.state_format,
+        "threads": engine.threads, "cpu": cpu_info(), "caches": caches,
+        "state_bytes_per_level": levels,
+        "state_fits": {"L2": all(b <= caches.get("L2", PI5_CACHES["L2"]) for b in levels),
+                       "L3_total": sum(levels) <= caches.get("L3", PI5_CACHES["L3"])},
+        "thermal_before": thermal_before, "thermal_after": pi_thermal(),
+        "peak_rss_bytes": rss.peak, "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "rss_trace": [[round(t, 3), r] for t, r in rss.samples[:: max(1, len(rss.samples) // 200)]],
+        "read_bandwidth_gbps": bw, "bytes_read_per_token": per_token_bytes,
+        "bandwidth_ceiling_tokens_per_s": bw * 1e9 / per_token_bytes,
+        "pi5_estimate_tokens_per_s": PI5_READ_GBPS * 1e9 / per_token_bytes,
+        "results": results,
+    }
+    return out
+
+
+def plot(report: dict, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from cortex_edge.runtime.errors import CortexError
+
+        raise CortexError("--plot needs matplotlib: pip install 'cortex-edge[plot]'") from None
+    ctx = [r["context"] for r in report["results"]]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    ax[0].plot(ctx, [r["decode_ms_p50"] for r in report["results"]], "o-", label="p50")
+    ax[0].plot(ctx, [r["decode_ms_p95"] for r in report["results"]], "s--", label="p95")
+    ax[0].set(xscale="log", xlabel="history (tokens)", ylabel="decode ms/token", title="latency vs history")
+    ax[0].legend()
+    ax[1].plot(ctx, [r["rss_bytes"] / 2**20 for r in report["results"]], "o-")
+    ax[1].set(xscale="log", xlabel="history (tokens)", ylabel="RSS (MiB)", title="RSS vs history")
+    ax[1].set_ylim(bottom=0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)

@@ -1,0 +1,106 @@
+"""A chat over one runtime state: turns in, streamed text out, committed whole or not at all.
+
+The state holds the whole conversation (attention ring + CMS memory), so a turn feeds only the
+tokens its template adds. A turn works on a copy of the state and replaces the live one only when
+it finishes; Ctrl-C (KeyboardInterrupt) mid-turn leaves the previous state untouched.
+What this leaves out: the terminal (cli.py) and the disk (session.py).
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from cortex_edge.runtime.engine import Engine, State
+from cortex_edge.runtime.errors import CortexError
+from cortex_edge.runtime.sampling import Sampling, sample
+from cortex_edge.runtime.text import ChatFormat, StreamDecoder, load_tokenizer
+
+MAX_PROMPT_CHARS = 4_000_000
+
+
+class PromptError(CortexError):
+    pass
+
+
+def clean_prompt(text: str) -> str:
+    """Reject undecodable text and empties; drop control characters other than newline and tab."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PromptError("prompt is not valid UTF-8") from None
+    if len(text) > MAX_PROMPT_CHARS:
+        raise PromptError(f"prompt is longer than {MAX_PROMPT_CHARS} characters")
+    text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch) != "Cc")
+    if not text.strip():
+        raise PromptError("prompt is empty")
+    return text
+
+
+@dataclass
+class TurnStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+
+class Chat:
+    def __init__(self, engine: Engine, state: State | None = None, turns: int = 0):
+        self.engine = engine
+        b = engine.bundle
+        tok_meta = b.manifest["tokenizer"]
+        self.tok = load_tokenizer(b.file(tok_meta.get("file", "tokenizer.json")))
+        self.fmt = ChatFormat(tok_meta.get("chat_template", ""), tok_meta.get("bos", "") or "")
+        self.stop_ids = {int(i) for i in tok_meta.get("stop_ids", [])}
+        self.state = state if state is not None else engine.new_state()
+        self.turns = turns
+        self.last = TurnStats()
+
+    def reset(self) -> None:
+        self.state = self.engine.new_state()
+        self.turns = 0
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def turn(self, user: str, sampling: Sampling, max_new_tokens: int = 256) -> Iterator[str]:
+        """Yields text deltas; commits the new state when the generator finishes."""
+        import time
+
+        user = clean_prompt(user)
+        text = self.fmt.first_turn(user) if self.state.n == 0 else self.fmt.next_turn(user)
+        ids = self.encode(text)
+        st = self.state.copy()
+        rng = np.random.default_rng(sampling.seed)
+        stats = TurnStats(prompt_tokens=len(ids))
+        t0 = time.perf_counter()
+        logits = self.engine.feed(st, ids)
+        stats.prefill_s = time.perf_counter() - t0
+        dec = StreamDecoder(self.tok)
+        stopped = False
+        t0 = time.perf_counter()
+        for _ in range(max_new_tokens):
+            tok = sample(logits, sampling, rng)
+            logits = self.engine.feed(st, [tok])
+            stats.new_tokens += 1
+            if tok in self.stop_ids:
+                stopped = True
+                break
+            delta = dec.push(tok)
+            if delta:
+                yield delta
+        stats.decode_s = time.perf_counter() - t0
+        suffix = self.fmt.assistant_suffix()
+        if stopped:  # the stop token was generated and fed; feed what the template puts after it
+            for s in self.engine.bundle.manifest["tokenizer"].get("stop_tokens", []):
+                if suffix.startswith(s):
+                    suffix = suffix[len(s):]
+                    break
+        if suffix:
+            self.engine.feed(st, self.encode(suffix))
+        self.state = st
+        self.turns += 1
+        self.last = stats

@@ -1,0 +1,43 @@
+"""Token sampling in NumPy: greedy, temperature, top-k, top-p, seeded. Knows nothing of the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.7  # 0 = greedy
+    top_k: int = 40  # keep the k most likely tokens (0 = all)
+    top_p: float = 0.95  # keep the smallest set whose probability reaches p (1 = all)
+    seed: int | None = None  # None: a fresh random stream
+
+    def validate(self) -> None:
+        if not np.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top-k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top-p must be in (0, 1], got {self.top_p}")
+
+
+def sample(logits: np.ndarray, cfg: Sampling, rng: np.random.Generator) -> int:
+    logits = np.asarray(logits, dtype=np.float64)
+    if cfg.temperature == 0:
+        return int(np.argmax(logits))
+    x = logits / cfg.temperature
+    if 0 < cfg.top_k < x.size:
+        kth = np.partition(x, -cfg.top_k)[-cfg.top_k]
+        x = np.where(x < kth, -np.inf, x)
+    p = np.exp(x - np.max(x))
+    p /= p.sum()
+    if cfg.top_p < 1:
+        order = np.argsort(-p)
+        cum = np.cumsum(p[order])
+        keep = order[: int(np.searchsorted(cum, cfg.top_p) + 1)]
+        q = np.zeros_like(p)
+        q[keep] = p[keep]
+        p = q / q.sum()
+    return int(rng.choice(p.size, p=p))

@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny models built in-process from a seed, bundles exported once per session."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+requires_torch = pytest.mark.skipif(not HAS_TORCH, reason="needs torch (workstation extra); runtime-only run")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--bundle", default=None, help="a prebuilt bundle, for runtime-only runs without torch (aarch64)")
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from cortex_edge.export.builtin import builtin
+
+    return builtin("builtin:tiny")
+
+
+def _export(tmp_path_factory, tiny, weights, state):
+    from cortex_edge.export.bundle_writer import write_bundle
+
+    model, tok, meta = tiny
+    out = tmp_path_factory.mktemp("bundles") / f"tiny-{weights}-{state}"
+    write_bundle(model, tok, meta, out, weights=weights, state=state, source="builtin:tiny", quiet=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def bundle_fp32(tmp_path_factory, tiny):
+    return _export(tmp_path_factory, tiny, "fp32", "fp32")
+
+
+@pytest.fixture(scope="session")
+def bundle_int8(tmp_path_factory, tiny):
+    return _export(tmp_path_factory, tiny, "int8", "int8")

@@ -1,0 +1,91 @@
+"""torch vs ONNX (decode and chunk graphs, state included) and torch vs the NumPy runtime stream."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cortex_edge import contract
+from tests.conftest import requires_torch
+
+pytestmark = requires_torch
+
+
+def test_graphs_match_torch_output_by_output(bundle_fp32):
+    rep = json.loads((bundle_fp32 / contract.MANIFEST).read_text())["validation"]["graphs"]
+    assert rep["passed"]
+    assert set(rep["max_abs_diff"]) == set(contract.output_names(2))  # every output, state included
+    assert {c["graph"] for c in rep["cases"]} == {contract.DECODE_GRAPH, contract.CHUNK_GRAPH}
+    assert rep["worst"] <= contract.ATOL_FP32_LOGITS
+
+
+def test_graphs_fresh_random_inputs(tiny, bundle_fp32):
+    """Independent of the manifest: rerun the graphs against torch here, on new seeds."""
+    import onnxruntime as ort
+    from cortex_edge.export.onnx_export import GraphModule, example_inputs, run_torch
+
+    model = tiny[0]
+    cfg = model.cfg
+    module = GraphModule(model)
+    for name, t in ((contract.DECODE_GRAPH, 1), (contract.CHUNK_GRAPH, cfg.cms.chunk), (contract.CHUNK_GRAPH, 5)):
+        sess = ort.InferenceSession(str(bundle_fp32 / name), providers=["CPUExecutionProvider"])
+        for n_past in (0, 2, 51, 10**6):
+            feed = example_inputs(cfg, t, n_past, seed=n_past + 77)
+            for got, ref in zip(sess.run(contract.output_names(cfg.n_layers), feed), run_torch(module, feed)):
+                np.testing.assert_allclose(got, ref, atol=contract.ATOL_FP32_LOGITS, rtol=0)
+
+
+def _stream(tiny, ids):
+    import torch
+
+    from cortex_edge.model.lm import TorchStream
+
+    with torch.no_grad():
+        ts = TorchStream(tiny[0])
+        return ts, ts.feed(torch.from_numpy(ids)[None])[0].numpy()
+
+
+@pytest.mark.aarch64
+def test_runtime_matches_torch_stream_fp32(tiny, bundle_fp32):
+    """300 tokens: window wraps, 18 memory events; logits and every CMS level."""
+    from cortex_edge.runtime.bundle import load_bundle
+    from cortex_edge.runtime.engine import Engine
+
+    ids = np.random.default_rng(11).integers(3, 264, 300)
+    ts, ref = _stream(tiny, ids)
+    eng = Engine(load_bundle(bundle_fp32), threads=1)
+    st = eng.new_state()
+    got = eng.feed(st, ids, all_logits=True)
+    assert st.events == ts.events == 300 // 16
+    np.testing.assert_allclose(got, ref, atol=contract.ATOL_FP32_LOGITS)
+    for lvl, (m, k) in enumerate(st.views):
+        np.testing.assert_allclose(m, ts.mems[lvl][0].numpy(), atol=contract.ATOL_FP32_STATE)
+        np.testing.assert_allclose(k, ts.mem_keys[lvl][0].numpy(), atol=contract.ATOL_FP32_STATE)
+        np.testing.assert_allclose(st.levels[lvl].usage, ts.usage[lvl][0].numpy(), atol=contract.ATOL_FP32_STATE)
+    for i in range(2):
+        np.testing.assert_allclose(st.keys[i], ts.keys[i].numpy(), atol=contract.ATOL_FP32_STATE)
+        np.testing.assert_allclose(st.values[i], ts.values[i].numpy(), atol=contract.ATOL_FP32_STATE)
+
+
+def test_int8_bundle_agrees_with_torch(tiny, bundle_int8):
+    from cortex_edge.runtime.bundle import load_bundle
+    from cortex_edge.runtime.engine import Engine
+
+    ids = np.random.default_rng(12).integers(3, 264, 200)
+    ts, ref = _stream(tiny, ids)
+    eng = Engine(load_bundle(bundle_int8), threads=1)
+    got = eng.feed(eng.new_state(), ids, all_logits=True)
+    agree = float(np.mean(got.argmax(-1) == ref.argmax(-1)))
+    assert agree >= 0.95, agree
+    assert np.abs(got - ref).max() < 0.1
+
+
+def test_manifest_records_quantization_and_stream_validation(bundle_int8):
+    man = json.loads((bundle_int8 / contract.MANIFEST).read_text())
+    assert man["weights"] == "int8" and man["state"] == "int8"
+    assert man["quantization"][contract.DECODE_GRAPH]["matmuls_quantized"] > 0
+    v = man["validation"]["stream"]
+    assert v["tokens"] == 300 and v["events"] >= 3 and v["window_wrapped"]
+    assert len(v["state"]) == 3

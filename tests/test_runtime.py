@@ -1,0 +1,84 @@
+"""The NumPy runtime alone (no torch): chunk == token by token, state codecs, sampling, bundle checks.
+These also run on the emulated Cortex-A76 (marker aarch64)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from cortex_edge.quantize import state_codec
+from cortex_edge.runtime.sampling import Sampling, sample
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytestmark = pytest.mark.aarch64
+
+
+@pytest.fixture(scope="module")
+def engine(request):
+    from cortex_edge.runtime.bundle import load_bundle
+    from cortex_edge.runtime.engine import Engine
+
+    path = request.config.getoption("--bundle", default=None) or request.getfixturevalue("bundle_int8")
+    return Engine(load_bundle(path), threads=1)
+
+
+def test_runtime_chunk_equals_token_by_token(engine):
+    ids = np.random.default_rng(5).integers(3, engine.cfg.vocab_size, 150)
+    a, b = engine.new_state(), engine.new_state()
+    la = engine.feed(a, ids, all_logits=True)
+    lb = engine.feed(b, ids, max_piece=1, all_logits=True)
+    assert a.events == b.events >= 3 and a.n > engine.cfg.sinks + engine.cfg.window
+    np.testing.assert_allclose(la, lb, atol=1e-4)
+    for (m1, k1), (m2, k2) in zip(a.views, b.views):
+        np.testing.assert_allclose(m1, m2, atol=1e-5)
+        np.testing.assert_allclose(k1, k2, atol=1e-5)
+    for x, y in zip(a.keys + a.values, b.keys + b.values):
+        np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+def test_state_stays_fixed_size(engine):
+    st = engine.new_state()
+    size0 = sum(x.nbytes for x in st.keys + st.values) + sum(engine.state_bytes(st))
+    engine.feed(st, np.full(500, 7))
+    assert sum(x.nbytes for x in st.keys + st.values) + sum(engine.state_bytes(st)) == size0
+    assert all(np.isfinite(m).all() for m, _ in st.views)
+
+
+@settings(max_examples=300, deadline=None)
+@given(fmt=st.sampled_from(["fp32", "fp16", "int8"]),
+       rows=st.integers(1, 6), cols=st.integers(1, 9), seed=st.integers(0, 2**32 - 1),
+       scale=st.floats(1e-3, 1e3))
+def test_state_codec_round_trip_within_half_a_step(fmt, rows, cols, seed, scale):
+    x = (np.random.default_rng(seed).standard_normal((rows, cols)) * scale).astype(np.float32)
+    enc, maxerr = state_codec.encode(x, fmt)
+    y = state_codec.decode(enc, fmt)
+    err = np.abs(y - x)
+    assert float(err.max()) == pytest.approx(maxerr, abs=1e-12)
+    if fmt == "fp32":
+        assert maxerr == 0.0
+    elif fmt == "fp16":
+        assert np.all(err <= np.abs(x) * 2.0**-11 + 2.0**-25)
+    else:
+        half_step = enc["scale"][:, None] / 2
+        assert np.all(err <= half_step * (1 + 1e-5) + 1e-12)
+
+
+def test_int8_codec_zero_rows_and_dtypes():
+    enc, err = state_codec.encode(np.zeros((3, 4), np.float32), "int8")
+    assert err == 0.0 and enc["q"].dtype == np.int8 and enc["scale"].dtype == np.float32
+    assert state_codec.nbytes(enc) == 3 * 4 + 3 * 4
+
+
+def test_sampling_modes():
+    logits = np.array([0.0, 5.0, 1.0, 4.9])
+    rng = np.random.default_rng(0)
+    assert sample(logits, Sampling(temperature=0), rng) == 1
+    picks = {sample(logits, Sampling(temperature=1.0, top_k=2, top_p=1.0), rng) for _ in range(200)}
+    assert picks == {1, 3}
+    picks = {sample(logits, Sampling(temperature=1.0, top_k=0, top_p=0.4), rng) for _ in range(200)}
+    assert picks == {1}
+    a = [sample(logits, Sampling(temperature=2.0, top_k=0, top_p=1.0, seed=9), np.random.default_rng(9)) for _ in range(3)]
+    b = [sample(logits, Sampling(temperature=2.0, top_k=0, top_p=1.0, seed=9), np.random.default_rng(9)) for _ in range(3)]
+    assert a == b
+    with pytest.raises(ValueError):
+        Sampling(temperature=-1).validate()
