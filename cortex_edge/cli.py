@@ -230,6 +230,16 @@ def info(bundle):
         click.echo(f"  {name:<24} {f['bytes']:>12,} B  sha256 {f['sha256'][:16]}…")
 
 
+@cli.command()
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+def selftest(threads):
+    """Check numpy + onnxruntime + the jump map on this CPU with the packaged tiny bundle (no torch)."""
+    from cortex_edge.runtime import selftest as s
+
+    if not s.run(threads=threads, echo=click.echo):
+        sys.exit(1)
+
+
 def main(argv=None) -> None:
     from cortex_edge.runtime.errors import CortexError
 
