@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ADDRESSING_MODES = ("content", "lru", "hybrid")
+MAX_SIZE = 1 << 20  # no dimension of a model this runtime runs is larger
 
 
 class ConfigError(ValueError):
@@ -46,10 +47,13 @@ class CMSConfig:
         for name in ("widths", "write_every", "decay"):
             if len(getattr(self, name)) != n:
                 raise ConfigError(f"cms.{name} has {len(getattr(self, name))} entries, expected {n} (one per level)")
-        if any(s < 1 for s in self.slots) or any(w < 1 for w in self.widths):
-            raise ConfigError("cms slots and widths must be positive")
-        if any(e < 1 for e in self.write_every):
-            raise ConfigError("cms.write_every entries must be >= 1")
+        for name in ("slots", "widths", "write_every"):
+            if not all(isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= MAX_SIZE for x in getattr(self, name)):
+                raise ConfigError(f"cms.{name} entries must be integers in [1, {MAX_SIZE}]")
+        for name in ("key_dim", "event_dim", "chunk"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= MAX_SIZE:
+                raise ConfigError(f"cms.{name} must be an integer in [1, {MAX_SIZE}]")
         if not all(0.0 < d < 1.0 for d in self.decay):
             raise ConfigError("cms.decay entries must lie in (0, 1)")
         if not 0.0 < self.decay_min <= self.decay_max < 1.0:
@@ -58,8 +62,6 @@ class CMSConfig:
             raise ConfigError(f"cms.addressing must be one of {ADDRESSING_MODES}, got {self.addressing!r}")
         if not 0.0 <= self.hybrid_mix <= 1.0:
             raise ConfigError("cms.hybrid_mix must lie in [0, 1]")
-        if self.chunk < 1 or self.key_dim < 1 or self.event_dim < 1:
-            raise ConfigError("cms chunk, key_dim and event_dim must be positive")
 
     def state_floats(self) -> list[int]:
         """fp32 values held per level: memory N*d plus keys N*d_k."""
@@ -87,14 +89,23 @@ class ModelConfig:
     cms: CMSConfig = field(default_factory=CMSConfig)  # the memory sidecar
 
     def validate(self) -> None:
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "window"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= MAX_SIZE:
+                raise ConfigError(f"{name} must be an integer in [1, {MAX_SIZE}], got {v!r}")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError("n_heads must be a multiple of n_kv_heads")
         if self.head_dim % 2:
             raise ConfigError("head_dim must be even (RoPE)")
+        if not isinstance(self.sinks, int) or isinstance(self.sinks, bool) or not 0 <= self.sinks <= MAX_SIZE:
+            raise ConfigError("sinks must be an integer >= 0")
+        if not isinstance(self.memory_layer, int) or isinstance(self.memory_layer, bool):
+            raise ConfigError("memory_layer must be an integer")
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
+                   for x in (self.norm_eps, self.rope_theta)):
+            raise ConfigError("norm_eps and rope_theta must be positive numbers")
         if not 0 <= self.memory_layer < self.n_layers:
             raise ConfigError(f"memory_layer must be in [0, {self.n_layers})")
-        if self.window < 1 or self.sinks < 0:
-            raise ConfigError("window must be >= 1 and sinks >= 0")
         if self.cms.chunk > self.window:
             raise ConfigError("cms.chunk must not exceed the attention window")
         self.cms.validate()

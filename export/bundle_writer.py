@@ -13,14 +13,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-from cortex_edge.export import onnx_export, validate
-from cortex_edge.quantize.weights import quantize_graph
-from cortex_edge.runtime.bundle import fingerprint, sha256_file
 from safetensors.numpy import save_file
 
 import cortex_edge
 from cortex_edge import contract
+from cortex_edge.export import onnx_export, validate
 from cortex_edge.model.lm import CortexLM
+from cortex_edge.quantize.weights import quantize_graph
+from cortex_edge.runtime.bundle import fingerprint, sha256_file
 
 
 def _progress(msg: str, quiet: bool) -> None:
@@ -73,7 +73,7 @@ def write_bundle(model: CortexLM, tokenizer, tok_meta: dict, out: Path, weights:
             "tokenizer": tok_meta,
             "quantization": qrep,
             "files": files,
-            "fingerprint": fingerprint(files, cfg.to_dict(), weights, state),
+            "fingerprint": fingerprint(files, cfg.to_dict(), weights, state, tok_meta),
         }
         (bdir / contract.MANIFEST).write_text(json.dumps(manifest, indent=1))
         _progress("validating the bundle through the runtime (300 tokens)", quiet)

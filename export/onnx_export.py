@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from cortex_edge.runtime import ring
 from torch import nn
 
 from cortex_edge import contract
 from cortex_edge.model.lm import CortexLM
+from cortex_edge.runtime import ring
 
 OPSET = 20
 

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cortex_edge.runtime.errors import CortexError
-
 from cortex_edge import contract
+from cortex_edge.runtime.errors import CortexError
 
 
 def load_source(model: str):

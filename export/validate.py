@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from cortex_edge.export.onnx_export import GraphModule, example_inputs, run_torch
 
 from cortex_edge import contract
+from cortex_edge.export.onnx_export import GraphModule, example_inputs, run_torch
 from cortex_edge.model.lm import CortexLM, TorchStream
 
 STREAM_TOKENS = 300

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+
 from cortex_edge.runtime.engine import Engine
 
 PI5_CACHES = {"L1d": 64 << 10, "L2": 512 << 10, "L3": 2 << 20}  # per core L1d, L2; shared L3

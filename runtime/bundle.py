@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cortex_edge.runtime.errors import BundleError
-
 from cortex_edge import contract
 from cortex_edge.config import ConfigError, ModelConfig
+from cortex_edge.runtime.errors import BundleError
 
 MAX_MANIFEST_BYTES = 16 << 20
 REQUIRED_FILES = (contract.DECODE_GRAPH, contract.CHUNK_GRAPH, contract.TOKENIZER, contract.CMS_WRITE_WEIGHTS)
@@ -130,11 +129,16 @@ def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
                                   f"{meta['bytes']} (truncated or replaced)")
             if sha256_file(full) != meta["sha256"]:
                 raise BundleError(f"checksum mismatch for bundle file {name} (corrupted or tampered)")
+    expect = fingerprint(manifest["files"], manifest["model"]["config"], manifest["weights"], manifest["state"],
+                         manifest["tokenizer"])
+    if manifest["fingerprint"] != expect:
+        raise BundleError("manifest fingerprint mismatch: its config, formats, tokenizer or file list were edited")
     return Bundle(path=root, manifest=manifest, config=cfg)
 
 
-def fingerprint(files: dict[str, dict], config: dict, weights: str, state: str) -> str:
+def fingerprint(files: dict[str, dict], config: dict, weights: str, state: str, tokenizer: dict) -> str:
+    """Identifies what a bundle computes: sessions made with one bundle are refused by another."""
     h = hashlib.sha256()
     h.update(json.dumps({"files": {k: v["sha256"] for k, v in sorted(files.items())}, "config": config,
-                         "weights": weights, "state": state}, sort_keys=True).encode())
+                         "weights": weights, "state": state, "tokenizer": tokenizer}, sort_keys=True).encode())
     return h.hexdigest()[:32]

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+
 from cortex_edge.runtime.engine import Engine, State
 from cortex_edge.runtime.errors import CortexError
 from cortex_edge.runtime.sampling import Sampling, sample

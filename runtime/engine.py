@@ -24,13 +24,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnxruntime as ort
+
+from cortex_edge import contract
+from cortex_edge.config import ModelConfig
 from cortex_edge.quantize import state_codec
 from cortex_edge.runtime import cms, ring
 from cortex_edge.runtime.bundle import Bundle
 from cortex_edge.runtime.errors import BundleError
-
-from cortex_edge import contract
-from cortex_edge.config import ModelConfig
 
 
 @dataclass
@@ -76,6 +76,23 @@ class Engine:
         L, lv = self.cfg.n_layers, self.cfg.cms.levels
         self._in = contract.input_names(L, lv)
         self._out = contract.output_names(L)
+        self._check_graph_shapes()
+
+    def _check_graph_shapes(self) -> None:
+        """The graphs must take exactly the contract's inputs, with the config's fixed sizes."""
+        c = self.cfg
+        want = {contract.past_key(0): [1, c.n_kv_heads, c.sinks + c.window, c.head_dim],
+                contract.WIN_POS: [c.window]}
+        for lvl, (n, d) in enumerate(zip(c.cms.slots, c.cms.widths)):
+            want[contract.mem(lvl)] = [n, d]
+            want[contract.mem_key(lvl)] = [n, c.cms.key_dim]
+        for sess in (self.decode_sess, self.chunk_sess):
+            got = {i.name: i.shape for i in sess.get_inputs()}
+            if set(got) != set(self._in) or [o.name for o in sess.get_outputs()] != self._out:
+                raise BundleError("bundle graphs do not have the contract's inputs and outputs")
+            for name, shape in want.items():
+                if list(got[name]) != shape:
+                    raise BundleError(f"bundle graph input {name} has shape {got[name]}, the config says {shape}")
 
     # ------------------------------------------------------------------ state
     def new_state(self) -> State:

@@ -18,10 +18,10 @@ import struct
 from pathlib import Path
 
 import numpy as np
-from cortex_edge.runtime.engine import Engine, State, StoredLevel
-from cortex_edge.runtime.errors import SessionError
 
 from cortex_edge import contract
+from cortex_edge.runtime.engine import Engine, State, StoredLevel
+from cortex_edge.runtime.errors import SessionError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 HEADER_SLACK = 1 << 16

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cortex_edge.runtime.errors import BundleError, CortexError
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
+
+from cortex_edge.runtime.errors import BundleError, CortexError
 
 _PROBE_USER = "\u2063probe-user\u2063"
 _PROBE_ASSISTANT = "\u2063probe-assistant\u2063"

@@ -102,8 +102,18 @@ def _escape(d):
 
 
 def _template(d):
+    """A consistent bundle (fingerprint recomputed) whose author planted a sandbox escape."""
+    from cortex_edge.runtime.bundle import fingerprint
+
     m = json.loads((d / contract.MANIFEST).read_text())
     m["tokenizer"]["chat_template"] = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+    m["fingerprint"] = fingerprint(m["files"], m["model"]["config"], m["weights"], m["state"], m["tokenizer"])
+    (d / contract.MANIFEST).write_text(json.dumps(m))
+
+
+def _config(d):
+    m = json.loads((d / contract.MANIFEST).read_text())
+    m["model"]["config"]["window"] = 4096
     (d / contract.MANIFEST).write_text(json.dumps(m))
 
 
@@ -128,6 +138,7 @@ BAD_BUNDLES = {
     "path outside the bundle": (_escape, "escapes"),
     "manifest not json": (lambda d: (d / contract.MANIFEST).write_text("{nope"), "JSON"),
     "template escapes sandbox": (_template, "template"),
+    "config edited": (_config, "fingerprint"),
 }
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from cortex_edge.runtime import cms
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cortex_edge import contract
 from cortex_edge.config import CMSConfig
+from cortex_edge.runtime import cms
 from tests.conftest import requires_torch
 
 GRID = [

@@ -24,6 +24,7 @@ def test_graphs_match_torch_output_by_output(bundle_fp32):
 def test_graphs_fresh_random_inputs(tiny, bundle_fp32):
     """Independent of the manifest: rerun the graphs against torch here, on new seeds."""
     import onnxruntime as ort
+
     from cortex_edge.export.onnx_export import GraphModule, example_inputs, run_torch
 
     model = tiny[0]

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from cortex_edge.quantize import state_codec
-from cortex_edge.runtime.sampling import Sampling, sample
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from cortex_edge.quantize import state_codec
+from cortex_edge.runtime.sampling import Sampling, sample
 
 pytestmark = pytest.mark.aarch64
 

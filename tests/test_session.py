@@ -13,10 +13,11 @@ import time
 
 import numpy as np
 import pytest
-from cortex_edge.runtime import session as sess
-from cortex_edge.runtime.errors import SessionError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from cortex_edge.runtime import session as sess
+from cortex_edge.runtime.errors import SessionError
 
 pytestmark = pytest.mark.aarch64
 

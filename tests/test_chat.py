@@ -1,0 +1,103 @@
+"""Chat turns: commit whole or not at all (Ctrl-C), template deltas, long prompts in bounded pieces."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from cortex_edge.runtime.sampling import Sampling
+
+pytestmark = pytest.mark.aarch64
+
+
+@pytest.fixture(scope="module")
+def engine(request):
+    from cortex_edge.runtime.bundle import load_bundle
+    from cortex_edge.runtime.engine import Engine
+
+    path = request.config.getoption("--bundle", default=None) or request.getfixturevalue("bundle_int8")
+    return Engine(load_bundle(path), threads=1)
+
+
+def test_interrupted_turn_leaves_state_untouched(engine, monkeypatch):
+    from cortex_edge.runtime.chat import Chat
+
+    c = Chat(engine)
+    list(c.turn("first", Sampling(temperature=0), 5))
+    before = c.state.copy()
+    calls = {"n": 0}
+    real = engine.feed
+
+    def flaky(st, ids, **kw):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(st, ids, **kw)
+
+    monkeypatch.setattr(engine, "feed", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        list(c.turn("second", Sampling(temperature=0), 50))
+    monkeypatch.setattr(engine, "feed", real)
+    assert c.state.n == before.n and c.turns == 1
+    for x, y in zip(c.state.keys + c.state.values, before.keys + before.values):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_turns_feed_only_the_template_delta(engine):
+    from cortex_edge.runtime.chat import Chat
+
+    c = Chat(engine)
+    list(c.turn("hello", Sampling(temperature=0), 4))
+    n1 = c.state.n
+    assert c.fmt.first_turn("hello").startswith("<|im_start|>system")
+    delta = c.fmt.next_turn("again")
+    assert delta == "<|im_start|>user\nagain<|im_end|>\n<|im_start|>assistant\n"
+    list(c.turn("again", Sampling(temperature=0), 4))
+    assert c.state.n > n1
+    assert c.fmt.assistant_suffix() == "<|im_end|>\n"
+
+
+def test_long_prompt_is_processed_in_bounded_pieces(engine):
+    import psutil
+
+    from cortex_edge.runtime.chat import Chat
+
+    c = Chat(engine)
+    text = "word " * 40_000  # 200k characters, 200k byte tokens
+    rss0 = psutil.Process().memory_info().rss
+    list(c.turn(text, Sampling(temperature=0), 2))
+    grown = psutil.Process().memory_info().rss - rss0
+    assert c.state.n > 200_000
+    assert grown < 200 << 20  # tokens ids and pieces only; no per-token state kept
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGINT to a child")
+def test_ctrl_c_in_repl_drops_the_turn_and_keeps_the_session(engine, tmp_path):
+    env = {**os.environ, "CORTEX_EDGE_HOME": str(tmp_path)}
+    b = str(engine.bundle.path)
+    r = subprocess.run([sys.executable, "-m", "cortex_edge", "chat", b, "--prompt", "one", "--max-new-tokens", "3"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    saved = (tmp_path / "sessions" / "default.cxs").read_bytes()
+    p = subprocess.Popen([sys.executable, "-m", "cortex_edge", "chat", b, "--max-new-tokens", "1000000",
+                          "--temperature", "1.0"], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    p.stdin.write("tell me everything\n")
+    p.stdin.flush()
+    got = p.stdout.read(2)  # the REPL's "> " prompt
+    assert got == "> "
+    got = p.stdout.read(8)  # then 8 characters of streamed answer: generation is under way
+    p.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    p.stdin.write("/quit\n")
+    p.stdin.flush()
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    assert "not kept" in err
+    assert (tmp_path / "sessions" / "default.cxs").read_bytes() == saved
