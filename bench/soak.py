@@ -28,7 +28,9 @@ def main():
     print(f"{rep['tokens']:,} tokens, {rep['events']:,} memory events in {rep['seconds']:.0f} s")
     print(f"non-finite values: {rep['nonfinite']}")
     print("worst CMS norm / decay bound per level: " + ", ".join(f"{x:.3f}" for x in rep["norm_over_bound_worst"]))
-    print(f"RSS after warm-up {rep['rss_warm'] / 2**20:.1f} MiB, growth {100 * rep['rss_growth']:.2f} %")
+    print(f"RSS after warm-up ({100 * rep['warmup_fraction']:.0f} % of the run) {rep['rss_warm'] / 2**20:.2f} MiB, "
+          f"growth after it {100 * rep['rss_growth']:.2f} % (from the first sample: "
+          f"{100 * rep['rss_growth_from_first_sample']:.2f} %)")
     print("decode p50 ms per window: " + ", ".join(f"{w['p50_ms']:.3f}" for w in rep["latency"]))
     print(f"last/first window p50: {rep['latency_last_over_first']:.2f}")
     if a.json:
