@@ -3,7 +3,10 @@
 Stdlib only. Like gguf-py's constants.py, nothing else defines these strings; change one here and
 bump CONTRACT_VERSION. What this leaves out: shapes (see the table below, checked by tests).
 
-Graph signature (both graphs; decode has T = 1, chunk has 1 <= T <= C):
+One graph serves decode (T = 1) and chunks (1 <= T <= C): a static T = 1 copy decoded no faster on
+SmolLM2 (measured back to back) and would hold every weight twice on disk and in RAM.
+
+Graph signature:
 
   input_ids          (1, T)            int64    new tokens
   q_pos              (T,)              int64    RoPE position of each new token (bounded, see runtime/ring.py)
@@ -29,8 +32,7 @@ BUNDLE_FORMAT = "cortex-edge-bundle"
 # ---- files inside a bundle
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
-DECODE_GRAPH = "decode.onnx"
-CHUNK_GRAPH = "chunk.onnx"
+GRAPH = "model.onnx"
 CMS_WRITE_WEIGHTS = "cms_write.safetensors"
 
 # ---- graph inputs
@@ -111,5 +113,8 @@ SESSION_VERSION = 1
 SESSION_SUFFIX = ".cxs"
 
 # ---- validation tolerances (export vs torch), named as optimum's ATOL_FOR_VALIDATION
-ATOL_FP32_LOGITS = 1e-3
+ATOL_FP32_LOGITS = 1e-3  # absolute, on builtin:tiny (tests)
 ATOL_FP32_STATE = 1e-4
+# export validation: max |onnx - torch| / max(1, max |torch|) per output. fp32 summation order differs
+# between torch and onnxruntime; over 30 layers that is ~1e-4 of the logits' scale on SmolLM2.
+RTOL_VALIDATION = 2e-3

@@ -47,17 +47,15 @@ def write_bundle(model: CortexLM, tokenizer, tok_meta: dict, out: Path, weights:
         work, bdir = tmp / "fp32", tmp / "bundle"
         work.mkdir()
         bdir.mkdir()
-        _progress("exporting ONNX graphs (decode, chunk)", quiet)
-        onnx_export.export_graph(model, work / contract.DECODE_GRAPH, chunk=False)
-        onnx_export.export_graph(model, work / contract.CHUNK_GRAPH, chunk=True)
-        _progress("validating graphs against torch", quiet)
-        graphs = validate.validate_graphs(model, work / contract.DECODE_GRAPH, work / contract.CHUNK_GRAPH)
+        _progress("exporting the ONNX graph", quiet)
+        onnx_export.export_graph(model, work / contract.GRAPH)
+        _progress("validating the graph against torch", quiet)
+        graphs = validate.validate_graphs(model, work / contract.GRAPH)
         if not graphs["passed"]:
-            raise validate.ValidationError(f"ONNX graphs differ from torch by {graphs['worst']:.2e}")
+            raise validate.ValidationError(f"ONNX graph differs from torch by {graphs['worst']:.2e} of the "
+                                           f"output scale (> {contract.RTOL_VALIDATION})")
         _progress(f"quantizing weights ({weights})", quiet)
-        qrep = {}
-        for name in (contract.DECODE_GRAPH, contract.CHUNK_GRAPH):
-            qrep[name] = quantize_graph(work / name, bdir / name, weights)
+        qrep = {contract.GRAPH: quantize_graph(work / contract.GRAPH, bdir / contract.GRAPH, weights)}
         tokenizer.save(str(bdir / contract.TOKENIZER))
         save_file({k: np.ascontiguousarray(v) for k, v in model.cms_write.numpy_weights().items()},
                   str(bdir / contract.CMS_WRITE_WEIGHTS))

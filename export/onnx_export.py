@@ -1,4 +1,4 @@
-"""torch -> ONNX: the decode graph (T = 1) and the chunk graph (1 <= T <= C), names from contract.py.
+"""torch -> ONNX: one graph for 1 <= T <= C new tokens (decode and chunks), names from contract.py.
 
 Design decision: the graph does the per-token work (transformer + CMS *read*); the CMS *write* (the
 jump map) runs in NumPy in the runtime, on the stored (possibly int8) state. The write happens once
@@ -73,20 +73,18 @@ def run_torch(module: GraphModule, feed: dict[str, np.ndarray]) -> list[np.ndarr
     return [o.numpy() for o in outs]
 
 
-def export_graph(model: CortexLM, path: Path, chunk: bool) -> None:
+def export_graph(model: CortexLM, path: Path) -> None:
     cfg = model.cfg
     module = GraphModule(model)
-    t = min(2, cfg.cms.chunk) if chunk else 1
+    t = 2  # >= 2, or the exporter freezes the size into the graph
     feed = example_inputs(cfg, t, n_past=cfg.sinks + cfg.window + 3)
     in_names = contract.input_names(cfg.n_layers, cfg.cms.levels)
     out_names = contract.output_names(cfg.n_layers)
-    dyn = None
-    if chunk:
-        dyn = {contract.INPUT_IDS: {1: "T"}, contract.Q_POS: {0: "T"}, contract.SINK_POS: {0: "T"},
-               contract.ATTN_MASK: {0: "T", 1: "SWT"}, contract.LOGITS: {1: "T"}, contract.WRITE_FEAT: {1: "T"}}
-        for i in range(cfg.n_layers):
-            dyn[contract.new_key(i)] = {2: "T"}
-            dyn[contract.new_value(i)] = {2: "T"}
+    dyn = {contract.INPUT_IDS: {1: "T"}, contract.Q_POS: {0: "T"}, contract.SINK_POS: {0: "T"},
+           contract.ATTN_MASK: {0: "T", 1: "SWT"}, contract.LOGITS: {1: "T"}, contract.WRITE_FEAT: {1: "T"}}
+    for i in range(cfg.n_layers):
+        dyn[contract.new_key(i)] = {2: "T"}
+        dyn[contract.new_value(i)] = {2: "T"}
     args = tuple(torch.from_numpy(feed[n]) for n in in_names)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

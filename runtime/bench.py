@@ -127,7 +127,7 @@ def read_bandwidth_gbps(mb: int = 256) -> float:
 def weight_bytes(engine: Engine) -> int:
     from cortex_edge import contract
 
-    return engine.bundle.manifest["files"][contract.DECODE_GRAPH]["bytes"]
+    return engine.bundle.manifest["files"][contract.GRAPH]["bytes"]
 
 
 def run_context(engine: Engine, context: int, new_tokens: int, seed: int = 0, progress=None) -> dict:

@@ -17,7 +17,7 @@ from cortex_edge.config import ConfigError, ModelConfig
 from cortex_edge.runtime.errors import BundleError
 
 MAX_MANIFEST_BYTES = 16 << 20
-REQUIRED_FILES = (contract.DECODE_GRAPH, contract.CHUNK_GRAPH, contract.TOKENIZER, contract.CMS_WRITE_WEIGHTS)
+REQUIRED_FILES = (contract.GRAPH, contract.TOKENIZER, contract.CMS_WRITE_WEIGHTS)
 
 
 def sha256_file(path: Path) -> str:

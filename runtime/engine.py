@@ -66,12 +66,10 @@ class Engine:
         opts.log_severity_level = 3
         self.threads = opts.intra_op_num_threads
         try:
-            self.decode_sess = ort.InferenceSession(str(bundle.file(contract.DECODE_GRAPH)), opts,
-                                                    providers=["CPUExecutionProvider"])
-            self.chunk_sess = ort.InferenceSession(str(bundle.file(contract.CHUNK_GRAPH)), opts,
-                                                   providers=["CPUExecutionProvider"])
+            self.sess = ort.InferenceSession(str(bundle.file(contract.GRAPH)), opts,
+                                             providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types for bad models
-            raise BundleError(f"onnxruntime cannot load the bundle's graphs: {str(e).splitlines()[0][:200]}") from None
+            raise BundleError(f"onnxruntime cannot load the bundle's graph: {str(e).splitlines()[0][:200]}") from None
         self.write_w = load_write_weights(bundle)
         L, lv = self.cfg.n_layers, self.cfg.cms.levels
         self._in = contract.input_names(L, lv)
@@ -86,13 +84,12 @@ class Engine:
         for lvl, (n, d) in enumerate(zip(c.cms.slots, c.cms.widths)):
             want[contract.mem(lvl)] = [n, d]
             want[contract.mem_key(lvl)] = [n, c.cms.key_dim]
-        for sess in (self.decode_sess, self.chunk_sess):
-            got = {i.name: i.shape for i in sess.get_inputs()}
-            if set(got) != set(self._in) or [o.name for o in sess.get_outputs()] != self._out:
-                raise BundleError("bundle graphs do not have the contract's inputs and outputs")
-            for name, shape in want.items():
-                if list(got[name]) != shape:
-                    raise BundleError(f"bundle graph input {name} has shape {got[name]}, the config says {shape}")
+        got = {i.name: i.shape for i in self.sess.get_inputs()}
+        if set(got) != set(self._in) or [o.name for o in self.sess.get_outputs()] != self._out:
+            raise BundleError("bundle graph does not have the contract's inputs and outputs")
+        for name, shape in want.items():
+            if list(got[name]) != shape:
+                raise BundleError(f"bundle graph input {name} has shape {got[name]}, the config says {shape}")
 
     # ------------------------------------------------------------------ state
     def new_state(self) -> State:
@@ -135,8 +132,7 @@ class Engine:
         for lvl, (m, k) in enumerate(st.views):
             feed[contract.mem(lvl)] = m
             feed[contract.mem_key(lvl)] = k
-        sess = self.decode_sess if T == 1 else self.chunk_sess
-        outs = sess.run(self._out, feed)
+        outs = self.sess.run(self._out, feed)
         for i in range(c.n_layers):
             st.keys[i][:, :, plan.slots, :] = outs[1 + 2 * i]
             st.values[i][:, :, plan.slots, :] = outs[2 + 2 * i]

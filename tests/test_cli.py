@@ -118,12 +118,12 @@ def _config(d):
 
 
 def _truncate(d):
-    p = d / contract.DECODE_GRAPH
+    p = d / contract.GRAPH
     p.write_bytes(p.read_bytes()[:1000])
 
 
 def _tamper(d):
-    p = d / contract.CHUNK_GRAPH
+    p = d / contract.GRAPH
     data = bytearray(p.read_bytes())
     data[len(data) // 2] ^= 0xFF
     p.write_bytes(bytes(data))

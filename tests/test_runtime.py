@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from cortex_edge.quantize import state_codec
 from cortex_edge.runtime.sampling import Sampling, sample
+from tests.conftest import requires_torch
 
 pytestmark = pytest.mark.aarch64
 
@@ -23,18 +24,32 @@ def engine(request):
     return Engine(load_bundle(path), threads=1)
 
 
-def test_runtime_chunk_equals_token_by_token(engine):
+def _chunk_vs_token(engine, tol):
     ids = np.random.default_rng(5).integers(3, engine.cfg.vocab_size, 150)
     a, b = engine.new_state(), engine.new_state()
     la = engine.feed(a, ids, all_logits=True)
     lb = engine.feed(b, ids, max_piece=1, all_logits=True)
     assert a.events == b.events >= 3 and a.n > engine.cfg.sinks + engine.cfg.window
-    np.testing.assert_allclose(la, lb, atol=1e-4)
+    np.testing.assert_allclose(la, lb, atol=tol)
     for (m1, k1), (m2, k2) in zip(a.views, b.views):
-        np.testing.assert_allclose(m1, m2, atol=1e-5)
-        np.testing.assert_allclose(k1, k2, atol=1e-5)
+        np.testing.assert_allclose(m1, m2, atol=tol)
+        np.testing.assert_allclose(k1, k2, atol=tol)
     for x, y in zip(a.keys + a.values, b.keys + b.values):
-        np.testing.assert_allclose(x, y, atol=1e-5)
+        np.testing.assert_allclose(x, y, atol=tol)
+
+
+def test_runtime_chunk_equals_token_by_token(engine):
+    """int8 weights: MatMulNBits quantizes activations per row and its one-row and many-row kernels
+    round differently, so chunk and token paths agree to quantization noise (fp32: see below)."""
+    _chunk_vs_token(engine, 2e-3 if engine.bundle.weights != "fp32" else 1e-5)
+
+
+@requires_torch
+def test_runtime_chunk_equals_token_by_token_fp32(bundle_fp32):
+    from cortex_edge.runtime.bundle import load_bundle
+    from cortex_edge.runtime.engine import Engine
+
+    _chunk_vs_token(Engine(load_bundle(bundle_fp32), threads=1), 1e-5)
 
 
 def test_state_stays_fixed_size(engine):
