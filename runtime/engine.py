@@ -70,6 +70,7 @@ class Engine:
                                              providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types for bad models
             raise BundleError(f"onnxruntime cannot load the bundle's graph: {str(e).splitlines()[0][:200]}") from None
+        release_free_memory()
         self.write_w = load_write_weights(bundle)
         L, lv = self.cfg.n_layers, self.cfg.cms.levels
         self._in = contract.input_names(L, lv)
@@ -172,6 +173,19 @@ class Engine:
                 if all_logits:
                     out.append(logits)
         return np.concatenate(out, axis=0) if all_logits else logits[-1]
+
+
+def release_free_memory() -> None:
+    """Hand memory freed while onnxruntime loaded the graph back to the OS (glibc keeps it otherwise):
+    88 MB of RSS on SmolLM2 int8. A no-op where malloc_trim does not exist."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def load_write_weights(bundle: Bundle) -> dict[str, np.ndarray]:

@@ -24,20 +24,21 @@ class Sampling:
 
 
 def sample(logits: np.ndarray, cfg: Sampling, rng: np.random.Generator) -> int:
-    logits = np.asarray(logits, dtype=np.float64)
+    logits = np.asarray(logits)
     if cfg.temperature == 0:
         return int(np.argmax(logits))
-    x = logits / cfg.temperature
-    if 0 < cfg.top_k < x.size:
-        kth = np.partition(x, -cfg.top_k)[-cfg.top_k]
-        x = np.where(x < kth, -np.inf, x)
+    if 0 < cfg.top_k < logits.size:  # work on the k candidates only (a 49k-vocab sort costs ~1 ms)
+        cand = np.argpartition(logits, -cfg.top_k)[-cfg.top_k:]
+    else:
+        cand = np.arange(logits.size)
+    x = logits[cand].astype(np.float64) / cfg.temperature
     p = np.exp(x - np.max(x))
     p /= p.sum()
     if cfg.top_p < 1:
-        order = np.argsort(-p)
+        order = np.argsort(-p, kind="stable")
         cum = np.cumsum(p[order])
         keep = order[: int(np.searchsorted(cum, cfg.top_p) + 1)]
         q = np.zeros_like(p)
         q[keep] = p[keep]
         p = q / q.sum()
-    return int(rng.choice(p.size, p=p))
+    return int(cand[rng.choice(p.size, p=p)])
