@@ -101,3 +101,16 @@ def test_ctrl_c_in_repl_drops_the_turn_and_keeps_the_session(engine, tmp_path):
     assert p.returncode == 0, err
     assert "not kept" in err
     assert (tmp_path / "sessions" / "default.cxs").read_bytes() == saved
+
+
+@pytest.mark.slow
+def test_million_character_prompt(engine):
+    import psutil
+
+    from cortex_edge.runtime.chat import Chat
+
+    c = Chat(engine)
+    rss0 = psutil.Process().memory_info().rss
+    list(c.turn("abcd " * 200_000, Sampling(temperature=0), 2))  # 1,000,000 characters
+    assert c.state.n > 1_000_000
+    assert psutil.Process().memory_info().rss - rss0 < 300 << 20

@@ -211,3 +211,38 @@ def test_repl_reset_stats_quit(bundle_copy, tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("tokens_remembered") == 2
     assert '"tokens_remembered": 0' in r.stderr  # after /reset
+
+
+@pytest.mark.aarch64
+def test_onnx_external_data_outside_the_bundle(bundle_copy, tmp_path):
+    """A consistent bundle (checksums, fingerprint) whose graph points its weights at ../outside.bin."""
+    pytest.importorskip("onnx")
+    import hashlib
+
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from cortex_edge.runtime.bundle import fingerprint
+
+    d = tmp_path / "b"
+    shutil.copytree(bundle_copy, d)
+    (tmp_path / "outside.bin").write_bytes(b"\0" * 64)
+    t = numpy_helper.from_array(np.zeros((2,), np.float32), "w")
+    t.ClearField("raw_data")
+    t.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", "../outside.bin"), ("offset", "0"), ("length", "8")):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+    g = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])], [t])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 10
+    data = m.SerializeToString()
+    (d / contract.GRAPH).write_bytes(data)
+    man = json.loads((d / contract.MANIFEST).read_text())
+    man["files"][contract.GRAPH] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    man["fingerprint"] = fingerprint(man["files"], man["model"]["config"], man["weights"], man["state"], man["tokenizer"])
+    (d / contract.MANIFEST).write_text(json.dumps(man))
+    line = one_line_error(cli("chat", d, "--prompt", "hi", "--no-session", env_home=tmp_path))
+    assert "escapes" in line
