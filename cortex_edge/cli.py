@@ -207,6 +207,41 @@ def bench(bundle, context, new_tokens, threads, json_out, plot_out):
         click.echo(f"wrote {plot_out}")
 
 
+@cli.group("eval")
+def eval_():
+    """Evaluations through the runtime (no torch)."""
+
+
+@eval_.command("niah")
+@click.argument("bundle", type=click.Path())
+@click.option("--lengths", default="1k,4k", show_default=True, help="haystack lengths in tokens, e.g. 1k,4k,16k,35k,64k")
+@click.option("--samples", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None)
+@click.option("--memory", "memory", type=click.Choice(["both", "on", "off"]), default="both", show_default=True,
+              help="sidecar on, off (ablation), or both")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
+def niah(bundle, lengths, samples, threads, memory, json_out):
+    """Pass-key retrieval accuracy per haystack length, on held-out seeds, greedy, through the runtime."""
+    from tqdm import tqdm
+
+    from cortex_edge.runtime import niah as nh
+
+    lens = _contexts(lengths)
+    modes = {"both": (True, False), "on": (True,), "off": (False,)}[memory]
+    engine = _engine(bundle, threads)
+    with tqdm(total=len(lens) * len(modes) * samples, unit="sample", disable=not sys.stderr.isatty()) as bar:
+        rep = nh.run(engine, lens, samples, modes, progress=bar.update)
+    click.echo(f"{engine.bundle.path}: weights {rep['weights']}, state {rep['state']}, window {rep['window']} "
+               f"+ {rep['sinks']} sinks; chance {nh.CHANCE:.1e}")
+    click.echo(f"{'length':>8} {'sidecar':>8} {'accuracy':>9} {'95% CI':>15} {'beyond window':>14}")
+    for r in rep["rows"]:
+        click.echo(f"{r['length']:>8} {'on' if r['memory'] else 'off':>8} {r['accuracy']:>9.3f} "
+                   f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] {str(r['beyond_window']):>14}")
+    if json_out:
+        Path(json_out).write_text(json.dumps(rep, indent=1))
+        click.echo(f"wrote {json_out}")
+
+
 @cli.command()
 @click.argument("bundle", type=click.Path())
 def info(bundle):

@@ -120,8 +120,9 @@ class Engine:
         return [state_codec.nbytes(s.mem) + state_codec.nbytes(s.keys) + s.usage.nbytes for s in st.levels]
 
     # ------------------------------------------------------------------ stepping
-    def _piece(self, st: State, ids: np.ndarray) -> np.ndarray:
-        """ids (T,) within one chunk -> logits (T, V); updates st."""
+    def _piece(self, st: State, ids: np.ndarray, memory: bool = True) -> np.ndarray:
+        """ids (T,) within one chunk -> logits (T, V); updates st. memory=False: sidecar off (reads see
+        an empty memory, no writes), for ablations."""
         c = self.cfg
         T = int(ids.shape[0])
         plan = ring.plan_step(st.n, T, c.sinks, c.window)
@@ -130,7 +131,8 @@ class Engine:
         for i in range(c.n_layers):
             feed[contract.past_key(i)] = st.keys[i]
             feed[contract.past_value(i)] = st.values[i]
-        for lvl, (m, k) in enumerate(st.views):
+        views = st.views if memory else self._empty_views()
+        for lvl, (m, k) in enumerate(views):
             feed[contract.mem(lvl)] = m
             feed[contract.mem_key(lvl)] = k
         outs = self.sess.run(self._out, feed)
@@ -142,7 +144,10 @@ class Engine:
             st.acc += feat[t]
         st.n += T
         if st.n % c.cms.chunk == 0:
-            self.memory_event(st)
+            if memory:
+                self.memory_event(st)
+            else:
+                st.acc = np.zeros_like(st.acc)
         return outs[0][0]
 
     def memory_event(self, st: State) -> dict:
@@ -156,7 +161,14 @@ class Engine:
         self.refresh_views(st)
         return info
 
-    def feed(self, st: State, ids, max_piece: int | None = None, all_logits: bool = False) -> np.ndarray:
+    def _empty_views(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        if not hasattr(self, "_zeros"):
+            self._zeros = [(np.zeros((n, d), np.float32), np.zeros((n, self.cfg.cms.key_dim), np.float32))
+                           for n, d in zip(self.cfg.cms.slots, self.cfg.cms.widths)]
+        return self._zeros
+
+    def feed(self, st: State, ids, max_piece: int | None = None, all_logits: bool = False,
+             memory: bool = True) -> np.ndarray:
         """Feed tokens; returns the last token's logits (V,) or all (T, V). max_piece=1: token by token."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if ids.size == 0:
@@ -168,7 +180,7 @@ class Engine:
             step = n if max_piece is None else max_piece
             for j in range(0, n, step):
                 p = min(step, n - j)
-                logits = self._piece(st, ids[pos:pos + p])
+                logits = self._piece(st, ids[pos:pos + p], memory)
                 pos += p
                 if all_logits:
                     out.append(logits)

@@ -124,7 +124,8 @@ def test_bad_session_names():
             sess.session_path(bad)
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=200 if os.environ.get("ARM_EMULATED") else 2000, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fuzz_session_loader(engine, fed, tmp_path_factory, data):
     base = tmp_path_factory.getbasetemp() / "fuzz-src.cxs"
