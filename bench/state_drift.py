@@ -16,24 +16,9 @@ import time
 
 import numpy as np
 
-from cortex_edge import contract
 from cortex_edge.config import CMSConfig, tiny_config
 from cortex_edge.quantize import state_codec
 from cortex_edge.runtime import cms
-
-
-def random_weights(cfg: CMSConfig, seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    w = {contract.WRITE_QUERY: (rng.standard_normal((cfg.key_dim, cfg.event_dim)) / np.sqrt(cfg.event_dim))}
-    for lvl in range(cfg.levels):
-        din = cfg.event_dim + (cfg.widths[lvl - 1] if lvl else 0)
-        shapes = {"z.weight": (cfg.event_dim, din), "z.bias": (cfg.event_dim,), "gate.weight": (1, cfg.event_dim),
-                  "gate.bias": (1,), "value.weight": (cfg.widths[lvl], cfg.event_dim),
-                  "key.weight": (cfg.key_dim, cfg.event_dim), "decay.weight": (1, cfg.event_dim), "decay.bias": (1,)}
-        for n, shp in shapes.items():
-            fan_in = shp[-1] if len(shp) > 1 else 1
-            w[contract.write_param(lvl, n)] = rng.standard_normal(shp) / np.sqrt(fan_in)
-    return {k: v.astype(np.float32) for k, v in w.items()}
 
 
 def store(levels, fmt):
@@ -45,7 +30,7 @@ def load(stored, fmt):
 
 
 def run(cfg: CMSConfig, events: int, seed: int = 0) -> dict:
-    w = random_weights(cfg, seed)
+    w = cms.random_write_weights(cfg, seed)
     rng = np.random.default_rng(seed + 1)
     qs = rng.standard_normal((32, cfg.key_dim)).astype(np.float32)
     fmts = ("fp32", "fp16", "int8")

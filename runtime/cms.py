@@ -117,6 +117,26 @@ def event_step(levels: list[Level], s: np.ndarray, event: int, w: dict[str, np.n
     return out, info
 
 
+def write_param_shapes(cfg: CMSConfig) -> dict[str, tuple[int, ...]]:
+    """Shape of every jump-map weight (the keys of contract.CMS_WRITE_WEIGHTS)."""
+    shapes = {contract.WRITE_QUERY: (cfg.key_dim, cfg.event_dim)}
+    for lvl in range(cfg.levels):
+        din = cfg.event_dim + (cfg.widths[lvl - 1] if lvl else 0)
+        for name, shp in {"z.weight": (cfg.event_dim, din), "z.bias": (cfg.event_dim,),
+                          "gate.weight": (1, cfg.event_dim), "gate.bias": (1,),
+                          "value.weight": (cfg.widths[lvl], cfg.event_dim), "key.weight": (cfg.key_dim, cfg.event_dim),
+                          "decay.weight": (1, cfg.event_dim), "decay.bias": (1,)}.items():
+            shapes[contract.write_param(lvl, name)] = shp
+    return shapes
+
+
+def random_write_weights(cfg: CMSConfig, seed: int) -> dict[str, np.ndarray]:
+    """Random jump-map weights scaled by fan-in (benchmarks and tests of the jump map alone)."""
+    rng = np.random.default_rng(seed)
+    return {k: (rng.standard_normal(s) / np.sqrt(s[-1] if len(s) > 1 else 1)).astype(np.float32)
+            for k, s in write_param_shapes(cfg).items()}
+
+
 def empty_levels(cfg: CMSConfig) -> list[Level]:
     return [Level(np.zeros((n, d), np.float32), np.zeros((n, cfg.key_dim), np.float32), np.zeros(n, np.float32))
             for n, d in zip(cfg.slots, cfg.widths)]

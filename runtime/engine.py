@@ -208,9 +208,9 @@ def load_write_weights(bundle: Bundle) -> dict[str, np.ndarray]:
         w = load_file(str(bundle.file(contract.CMS_WRITE_WEIGHTS)))
     except (SafetensorError, OSError) as e:
         raise BundleError(f"CMS write weights unreadable: {e}") from None
-    need = [contract.WRITE_QUERY] + [contract.write_param(lvl, n) for lvl in range(bundle.config.cms.levels)
-                                     for n in contract.WRITE_PARAM_NAMES]
-    missing = [k for k in need if k not in w]
-    if missing:
-        raise BundleError(f"CMS write weights lack {missing[0]}")
+    for k, shape in cms.write_param_shapes(bundle.config.cms).items():
+        if k not in w:
+            raise BundleError(f"CMS write weights lack {k}")
+        if tuple(w[k].shape) != shape:
+            raise BundleError(f"CMS write weight {k} has shape {tuple(w[k].shape)}, the config says {shape}")
     return {k: v.astype(np.float32) for k, v in w.items()}

@@ -38,3 +38,17 @@ def bundle_fp32(tmp_path_factory, tiny):
 @pytest.fixture(scope="session")
 def bundle_int8(tmp_path_factory, tiny):
     return _export(tmp_path_factory, tiny, "int8", "int8")
+
+
+@pytest.fixture(scope="session")
+def runtime_bundle(request):
+    """--bundle when given (runtime-only runs, e.g. emulated aarch64 without torch), else a fresh int8 export."""
+    return request.config.getoption("--bundle", default=None) or request.getfixturevalue("bundle_int8")
+
+
+@pytest.fixture(scope="module")
+def engine(runtime_bundle):
+    from cortex_edge.runtime.bundle import load_bundle
+    from cortex_edge.runtime.engine import Engine
+
+    return Engine(load_bundle(runtime_bundle), threads=1)

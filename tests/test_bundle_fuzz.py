@@ -28,7 +28,7 @@ json_values = st.recursive(
 
 @pytest.fixture(scope="module")
 def fuzz_dir(request, tmp_path_factory):
-    src = request.config.getoption("--bundle", default=None) or request.getfixturevalue("bundle_int8")
+    src = request.getfixturevalue("runtime_bundle")
     d = tmp_path_factory.mktemp("fuzz") / "b"
     shutil.copytree(src, d)
     return d

@@ -16,15 +16,6 @@ from cortex_edge.runtime.sampling import Sampling
 pytestmark = pytest.mark.aarch64
 
 
-@pytest.fixture(scope="module")
-def engine(request):
-    from cortex_edge.runtime.bundle import load_bundle
-    from cortex_edge.runtime.engine import Engine
-
-    path = request.config.getoption("--bundle", default=None) or request.getfixturevalue("bundle_int8")
-    return Engine(load_bundle(path), threads=1)
-
-
 def test_interrupted_turn_leaves_state_untouched(engine, monkeypatch):
     from cortex_edge.runtime.chat import Chat
 

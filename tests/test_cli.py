@@ -76,8 +76,7 @@ def test_export_chat_restart_bench_info(tmp_path):
 
 @pytest.fixture(scope="module")
 def bundle_copy(tmp_path_factory, request):
-    path = request.config.getoption("--bundle", default=None) or request.getfixturevalue("bundle_int8")
-    return path
+    return request.getfixturevalue("runtime_bundle")
 
 
 def _mutated(tmp_path, src, fn):

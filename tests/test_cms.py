@@ -8,7 +8,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cortex_edge import contract
 from cortex_edge.config import CMSConfig
 from cortex_edge.runtime import cms
 from tests.conftest import requires_torch
@@ -146,14 +145,7 @@ def test_event_step_respects_bound_with_trained_shapes():
     """Full event_step over many events: every level stays under max(||M_0||, V_max / d_l)."""
     cfg = small_cfg(addressing="hybrid")
     rng = np.random.default_rng(3)
-    w = {contract.WRITE_QUERY: rng.standard_normal((cfg.key_dim, cfg.event_dim)).astype(np.float32)}
-    for lvl in range(cfg.levels):
-        din = cfg.event_dim + (cfg.widths[lvl - 1] if lvl else 0)
-        shapes = {"z.weight": (cfg.event_dim, din), "z.bias": (cfg.event_dim,), "gate.weight": (1, cfg.event_dim),
-                  "gate.bias": (1,), "value.weight": (cfg.widths[lvl], cfg.event_dim),
-                  "key.weight": (cfg.key_dim, cfg.event_dim), "decay.weight": (1, cfg.event_dim), "decay.bias": (1,)}
-        for n, shp in shapes.items():
-            w[contract.write_param(lvl, n)] = rng.standard_normal(shp).astype(np.float32)
+    w = {k: v * 3 for k, v in cms.random_write_weights(cfg, seed=3).items()}
     vmax = cms.value_bound(w, cfg)
     levels = cms.empty_levels(cfg)
     for e in range(1, 500):

@@ -15,15 +15,6 @@ from tests.conftest import requires_torch
 pytestmark = pytest.mark.aarch64
 
 
-@pytest.fixture(scope="module")
-def engine(request):
-    from cortex_edge.runtime.bundle import load_bundle
-    from cortex_edge.runtime.engine import Engine
-
-    path = request.config.getoption("--bundle", default=None) or request.getfixturevalue("bundle_int8")
-    return Engine(load_bundle(path), threads=1)
-
-
 def _chunk_vs_token(engine, tol):
     ids = np.random.default_rng(5).integers(3, engine.cfg.vocab_size, 150)
     a, b = engine.new_state(), engine.new_state()

@@ -23,15 +23,6 @@ pytestmark = pytest.mark.aarch64
 
 
 @pytest.fixture(scope="module")
-def engine(request):
-    from cortex_edge.runtime.bundle import load_bundle
-    from cortex_edge.runtime.engine import Engine
-
-    path = request.config.getoption("--bundle", default=None) or request.getfixturevalue("bundle_int8")
-    return Engine(load_bundle(path), threads=1)
-
-
-@pytest.fixture(scope="module")
 def fed(engine):
     st_ = engine.new_state()
     engine.feed(st_, np.random.default_rng(0).integers(3, engine.cfg.vocab_size, 77))

@@ -10,15 +10,6 @@ from cortex_edge.runtime.soak import soak
 pytestmark = pytest.mark.aarch64
 
 
-@pytest.fixture(scope="module")
-def engine(request):
-    from cortex_edge.runtime.bundle import load_bundle
-    from cortex_edge.runtime.engine import Engine
-
-    path = request.config.getoption("--bundle", default=None) or request.getfixturevalue("bundle_int8")
-    return Engine(load_bundle(path), threads=1)
-
-
 def _check(rep, tokens):
     assert rep["tokens"] >= tokens and rep["events"] >= tokens // 16
     assert rep["nonfinite"] == 0
