@@ -28,6 +28,7 @@ def cpu_flags() -> list[str]:
 
 
 def run(bundle: Path = PACKAGED, threads: int = 1, echo=print) -> bool:
+    from cortex_edge import contract
     from cortex_edge.runtime import cms, session
     from cortex_edge.runtime.bundle import load_bundle
     from cortex_edge.runtime.engine import Engine
@@ -56,9 +57,12 @@ def run(bundle: Path = PACKAGED, threads: int = 1, echo=print) -> bool:
     t = time.perf_counter()
     lc = eng.feed(c, ids, max_piece=1, all_logits=True)
     per_tok = (time.perf_counter() - t) / ids.size
-    diff = float(np.abs(la - lc).max())
-    check("chunk graph == decode graph token by token", diff < 1e-3 and a.events == c.events >= 3,
-          f"max |dlogit| {diff:.1e} over {ids.size} tokens, {a.events} memory events")
+    diff = float(np.abs(la - lc).max()) / max(1.0, float(np.abs(la).max()))
+    tol = contract.RTOL_PATHS[b.weights]
+    agree = float(np.mean(la.argmax(-1) == lc.argmax(-1)))
+    check("chunk path == token-by-token path", diff <= tol and agree >= 0.95 and a.events == c.events >= 3,
+          f"max |dlogit| {diff:.1e} of scale (<= {tol:g} for {b.weights} weights), top-1 {agree:.3f}, "
+          f"{ids.size} tokens, {a.events} memory events")
     vmax = cms.value_bound(eng.write_w, b.config.cms)
     d_min = [b.config.cms.decay_min if b.config.cms.adaptive_decay else d for d in b.config.cms.decay]
     norms = [float(np.linalg.norm(m)) for m, _ in a.views]
