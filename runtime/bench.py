@@ -112,16 +112,27 @@ class RSSSampler:
         return max((r for _, r in self.samples), default=self.proc.memory_info().rss)
 
 
+_BANDWIDTH_PROBE = """
+import sys, time, numpy as np
+a = np.ones(int(sys.argv[1]) << 18, dtype=np.float32)
+a.sum()
+best = min((lambda t: (a.sum(), time.perf_counter() - t)[1])(time.perf_counter()) for _ in range(3))
+print(a.nbytes / best / 1e9)
+"""
+
+
 def read_bandwidth_gbps(mb: int = 256) -> float:
-    """Single-thread streaming read bandwidth (NumPy sum over a buffer larger than the caches)."""
-    a = np.ones(mb << 18, dtype=np.float32)  # mb MiB
-    a.sum()
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        a.sum()
-        best = min(best, time.perf_counter() - t)
-    return a.nbytes / best / 1e9
+    """Single-thread streaming read bandwidth: a NumPy sum over a buffer larger than the caches, in a
+    child process so the buffer never counts in this process's RSS."""
+    import subprocess
+    import sys
+
+    try:
+        r = subprocess.run([sys.executable, "-c", _BANDWIDTH_PROBE, str(mb)], capture_output=True, text=True,
+                           timeout=300)
+        return float(r.stdout.strip())
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return float("nan")
 
 
 def weight_bytes(engine: Engine) -> int:
