@@ -20,6 +20,7 @@ from cortex_edge.runtime.engine import Engine
 
 PI5_CACHES = {"L1d": 64 << 10, "L2": 512 << 10, "L3": 2 << 20}  # per core L1d, L2; shared L3
 PI5_READ_GBPS = 9.0  # measured streaming read on a Pi 5 (single thread)
+WARMUP = 2  # decode steps after the prefill that are not timed (as llama-bench warms up before timing)
 
 
 def _parse_size(s: str) -> int:
@@ -156,13 +157,14 @@ def run_context(engine: Engine, context: int, new_tokens: int, seed: int = 0, pr
     lat = []
     tok = int(rng.integers(3, V))
     t_first = None
-    for i in range(new_tokens):
+    for i in range(new_tokens + WARMUP):
         t = time.perf_counter()
         logits = engine.feed(st, [tok])
         tok = int(np.argmax(logits))
-        lat.append(time.perf_counter() - t)
         if i == 0:
             t_first = time.perf_counter() - t0
+        if i >= WARMUP:
+            lat.append(time.perf_counter() - t)
     ms = np.array(lat) * 1e3
     return {"context": context, "prefill_tokens_per_s": context / prefill_s if context else None,
             "prefill_s": prefill_s, "time_to_first_token_s": t_first,
