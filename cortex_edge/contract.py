@@ -94,12 +94,11 @@ WRITE_QUERY = "query.weight"  # (d_k, d_z): query that reads the level below dur
 
 
 def write_param(level: int, name: str) -> str:
-    """name in: z.weight z.bias gate.weight gate.bias value.weight key.weight decay.weight decay.bias"""
+    """name in: z.weight z.bias gate.weight gate.bias value.weight key.weight decay.weight decay.bias
+    (shapes: runtime/cms.py write_param_shapes)"""
     return f"levels.{level}.{name}"
 
 
-WRITE_PARAM_NAMES = ("z.weight", "z.bias", "gate.weight", "gate.bias", "value.weight", "key.weight",
-                     "decay.weight", "decay.bias")
 
 # ---- formats
 WEIGHT_FORMATS = ("fp32", "int8", "int4")  # int8/int4: weight-only block-wise MatMulNBits

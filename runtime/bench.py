@@ -137,9 +137,13 @@ def read_bandwidth_gbps(mb: int = 256) -> float:
 
 
 def weight_bytes(engine: Engine) -> int:
+    """Weight bytes one decode step reads: the graph file less the embedding table, of which a token
+    reads one row (fp16 in quantized bundles, fp32 in fp32 ones)."""
     from cortex_edge import contract
 
-    return engine.bundle.manifest["files"][contract.GRAPH]["bytes"]
+    c = engine.cfg
+    row = 4 if engine.bundle.weights == "fp32" else 2
+    return engine.bundle.manifest["files"][contract.GRAPH]["bytes"] - (c.vocab_size - 1) * c.dim * row
 
 
 def run_context(engine: Engine, context: int, new_tokens: int, seed: int = 0, progress=None) -> dict:
