@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
+# Under qemu (tools/run-aarch64.sh) floating point is 100-1000x slower: device-side tests shrink their
+# workloads there (never their assertions).
+EMULATED = os.environ.get("ARM_EMULATED") == "1"
 requires_torch = pytest.mark.skipif(not HAS_TORCH, reason="needs torch (workstation extra); runtime-only run")
 
 

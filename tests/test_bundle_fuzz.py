@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 
 import numpy as np
@@ -16,9 +15,10 @@ from hypothesis import strategies as st
 from cortex_edge import contract
 from cortex_edge.runtime.bundle import load_bundle
 from cortex_edge.runtime.errors import BundleError
+from tests.conftest import EMULATED
 
 pytestmark = pytest.mark.aarch64
-EXAMPLES = 200 if os.environ.get("ARM_EMULATED") else 2000
+EXAMPLES = 60 if EMULATED else 2000
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-2**63, 2**63) | st.floats(allow_nan=False) | st.text(max_size=20),

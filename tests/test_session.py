@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from cortex_edge.runtime import session as sess
 from cortex_edge.runtime.errors import SessionError
+from tests.conftest import EMULATED
 
 pytestmark = pytest.mark.aarch64
 
@@ -115,7 +116,7 @@ def test_bad_session_names():
             sess.session_path(bad)
 
 
-@settings(max_examples=200 if os.environ.get("ARM_EMULATED") else 2000, deadline=None,
+@settings(max_examples=100 if EMULATED else 2000, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fuzz_session_loader(engine, fed, tmp_path_factory, data):

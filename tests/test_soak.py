@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from cortex_edge.runtime.soak import soak
+from tests.conftest import EMULATED
 
 pytestmark = pytest.mark.aarch64
 
@@ -18,7 +19,8 @@ def _check(rep, tokens):
 
 
 def test_short_soak(engine):
-    _check(soak(engine, 20_000, decode_every=5_000, decode_tokens=8), 20_000)
+    n = 2_000 if EMULATED else 20_000
+    _check(soak(engine, n, decode_every=n // 4, decode_tokens=8), n)
 
 
 @pytest.mark.slow
