@@ -91,7 +91,8 @@ def _engine(bundle: str | None, threads: int | None):
 @click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=0.95, show_default=True)
 @click.option("--seed", type=int, default=None)
 @click.option("--threads", type=click.IntRange(min=1), default=None)
-def chat(bundle, session, no_session, prompt, max_new_tokens, temperature, top_k, top_p, seed, threads):
+@click.option("--ignore-eos", is_flag=True, help="keep generating through end-of-turn tokens (benchmarks, tests)")
+def chat(bundle, session, no_session, prompt, max_new_tokens, temperature, top_k, top_p, seed, threads, ignore_eos):
     """Chat with BUNDLE. REPL commands: /reset /stats /quit."""
     from cortex_edge.runtime import session as sess
     from cortex_edge.runtime.chat import Chat
@@ -110,6 +111,8 @@ def chat(bundle, session, no_session, prompt, max_new_tokens, temperature, top_k
         except FileNotFoundError:
             pass
     c = Chat(engine, state, turns)
+    if ignore_eos:
+        c.stop_ids = set()
 
     def one_turn(text: str) -> None:
         for delta in c.turn(text, sampling, max_new_tokens):
