@@ -1,7 +1,8 @@
 """Durable sessions: the whole runtime state in one safetensors file, replaced atomically.
 
 File: safetensors (no pickle) whose metadata holds a magic string, a format version, the bundle's
-fingerprint and state format, counters, and a sha256 over every tensor (safetensors has none).
+fingerprint and state format, counters, and a sha256 over all that metadata and every tensor
+(safetensors has no checksum of its own).
 Save: write NAME.tmp, fsync, hard-link the current file to NAME.bak, rename NAME.tmp over NAME,
 fsync the folder. At every instant NAME or NAME.bak holds a complete old or new version; load
 falls back to the backup when the main file is missing or damaged.
@@ -54,8 +55,10 @@ def _tensors(st: State) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v) for k, v in t.items()}
 
 
-def _checksum(t: dict[str, np.ndarray]) -> str:
+def _checksum(t: dict[str, np.ndarray], meta: dict[str, str]) -> str:
+    """sha256 over every metadata field but the checksum itself, then every tensor."""
     h = hashlib.sha256()
+    h.update(json.dumps({k: v for k, v in meta.items() if k != "checksum"}, sort_keys=True).encode())
     for k in sorted(t):
         a = t[k]
         h.update(f"{k}|{a.dtype.str}|{a.shape}|".encode())
@@ -80,8 +83,8 @@ def save(path: Path, engine: Engine, st: State, extra: dict | None = None) -> No
     t = _tensors(st)
     meta = {"magic": contract.SESSION_MAGIC, "version": str(contract.SESSION_VERSION),
             "fingerprint": engine.bundle.fingerprint, "state_format": engine.state_format,
-            "n": str(st.n), "events": str(st.events), "checksum": _checksum(t),
-            "extra": json.dumps(extra or {})}
+            "n": str(st.n), "events": str(st.events), "extra": json.dumps(extra or {})}
+    meta["checksum"] = _checksum(t, meta)
     data = save(t, metadata=meta)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -131,7 +134,7 @@ def _parse(data: bytes, engine: Engine, expect: dict[str, np.ndarray]) -> tuple[
     for k, a in expect.items():
         if t[k].dtype != a.dtype or t[k].shape != a.shape:
             raise SessionError(f"session tensor {k} has the wrong shape or type")
-    if _checksum(t) != meta.get("checksum"):
+    if not all(isinstance(v, str) for v in meta.values()) or _checksum(t, meta) != meta.get("checksum"):
         raise SessionError("session file checksum mismatch (corrupted)")
     try:
         n, events = int(meta["n"]), int(meta["events"])

@@ -194,3 +194,21 @@ def test_sigkill_during_saves_never_loses_the_session(engine, tmp_path):
         backups += which == "backup"
         done = v
     assert done > 0
+
+
+def test_edited_counters_are_refused(engine, fed, tmp_path):
+    """Found by the fuzzer: a bit flip turning n=67 into n=77 kept events consistent and loaded."""
+    import json
+    import struct
+
+    from safetensors.numpy import load, save
+
+    p = tmp_path / "s.cxs"
+    sess.save(p, engine, fed)
+    raw = p.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    meta = json.loads(raw[8:8 + n])["__metadata__"]
+    meta["n"] = str(int(meta["n"]) + 1)  # same number of events
+    p.write_bytes(save(load(raw), metadata=meta))
+    with pytest.raises(SessionError, match="checksum"):
+        sess.load(p, engine)
