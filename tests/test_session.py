@@ -85,19 +85,24 @@ def test_damaged_session_is_refused_cleanly(engine, fed, tmp_path, damage):
         sess.load(p, engine)
 
 
-def test_session_from_another_bundle_is_refused(engine, fed, tmp_path):
-    from safetensors.numpy import load, save
-
-    p = tmp_path / "s.cxs"
-    sess.save(p, engine, fed)
+def _rewrite_meta(p, edit) -> None:
+    """Rewrite a session file's metadata with edit(meta), tensors untouched, checksum not recomputed."""
     import json
     import struct
+
+    from safetensors.numpy import load, save
 
     raw = p.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     meta = json.loads(raw[8:8 + n])["__metadata__"]
-    meta["fingerprint"] = "0" * 32
+    edit(meta)
     p.write_bytes(save(load(raw), metadata=meta))
+
+
+def test_session_from_another_bundle_is_refused(engine, fed, tmp_path):
+    p = tmp_path / "s.cxs"
+    sess.save(p, engine, fed)
+    _rewrite_meta(p, lambda m: m.update(fingerprint="0" * 32))
     with pytest.raises(SessionError, match="another bundle"):
         sess.load(p, engine)
 
@@ -198,17 +203,8 @@ def test_sigkill_during_saves_never_loses_the_session(engine, tmp_path):
 
 def test_edited_counters_are_refused(engine, fed, tmp_path):
     """Found by the fuzzer: a bit flip turning n=67 into n=77 kept events consistent and loaded."""
-    import json
-    import struct
-
-    from safetensors.numpy import load, save
-
     p = tmp_path / "s.cxs"
     sess.save(p, engine, fed)
-    raw = p.read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    meta = json.loads(raw[8:8 + n])["__metadata__"]
-    meta["n"] = str(int(meta["n"]) + 1)  # same number of events
-    p.write_bytes(save(load(raw), metadata=meta))
+    _rewrite_meta(p, lambda m: m.update(n=str(int(m["n"]) + 1)))  # same number of events
     with pytest.raises(SessionError, match="checksum"):
         sess.load(p, engine)
