@@ -43,7 +43,3 @@ def decode(enc: dict[str, np.ndarray], fmt: str) -> np.ndarray:
 def nbytes(enc: dict[str, np.ndarray]) -> int:
     return int(sum(a.nbytes for a in enc.values()))
 
-
-def expected_dtypes(fmt: str) -> dict[str, np.dtype]:
-    return {"fp32": {"q": np.dtype(np.float32)}, "fp16": {"q": np.dtype(np.float16)},
-            "int8": {"q": np.dtype(np.int8), "scale": np.dtype(np.float32)}}[fmt]

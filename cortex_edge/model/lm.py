@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -221,6 +220,3 @@ class TorchStream:
 def build(cfg: ModelConfig, seed: int = 0) -> CortexLM:
     return CortexLM(cfg).init_weights(seed).eval()
 
-
-def numpy_state_dict(model: nn.Module) -> dict[str, np.ndarray]:
-    return {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
