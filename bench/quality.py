@@ -6,7 +6,7 @@ For each bundle (e.g. fp32, int8, int4 exports of smollm2):
   agreement   transformers' LlamaForCausalLM fp32 greedily continues each fixed chat prompt by 32 tokens;
               the bundle, through the NumPy/onnxruntime runtime, is teacher-forced on the same
               sequence: top-1 agreement and mean KL(p_fp32 || p_bundle) over the continuation positions.
-  perplexity  on bench/data/genesis_kjv.txt (public domain): tokens 0-1k, and tokens 4k-8k (far beyond
+  perplexity  on cortex_edge/model/data/genesis_kjv.txt (public domain): tokens 0-1k, and tokens 4k-8k (far beyond
               the 1024-token window: fluency with the bounded attention state), through the runtime.
 The reference perplexity with unbounded attention (transformers, full context) is printed beside.
 """
@@ -33,7 +33,7 @@ PROMPTS = [
     "Summarise the plot of Romeo and Juliet in one paragraph.",
 ]
 NEW_TOKENS = 32
-TEXT = Path(__file__).parent / "data" / "genesis_kjv.txt"
+TEXT = Path(__file__).parent.parent / "cortex_edge" / "model" / "data" / "genesis_kjv.txt"
 
 
 def log_softmax(x):

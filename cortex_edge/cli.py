@@ -68,6 +68,52 @@ def export(model, out, weights, state, force):
                f"max |dlogit| {v['logits_max_abs_diff']:.2e}")
 
 
+@cli.command()
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False),
+              help="checkpoint to write (.safetensors); export it with `cortex-edge export OUT --out BUNDLE`")
+@click.option("--recipe", type=click.Choice(["stable", "naive"]), default="stable", show_default=True,
+              help="stable: the recipe that ships; naive: CortexGPT's design, for the stability experiment")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="optimizer steps (default: the recipe's)")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads (default: all cores)")
+@click.option("--log", "log_out", type=click.Path(dir_okay=False), default=None,
+              help="write every step's metrics here (JSON lines)")
+def train(out, recipe, steps, seed, threads, log_out):
+    """Train builtin:recall's model from a seed: pass-key recall through the CMS + language modelling."""
+    from cortex_edge.default_bundle import torch_available
+
+    if not torch_available():
+        _fail("train needs the workstation extra: pip install 'cortex-edge[export]'")
+    if not out.endswith(".safetensors"):
+        raise click.BadParameter(f"--out {out!r}: the checkpoint file must end in .safetensors")
+    import torch
+    from tqdm import tqdm
+
+    from cortex_edge.model import train as tr
+
+    if threads:
+        torch.set_num_threads(threads)
+    tc = tr.TrainConfig(recipe=recipe, seed=seed, **({"steps": steps} if steps else {}))
+    log = open(log_out, "w") if log_out else None
+    with tqdm(total=tc.steps, unit="step", disable=not sys.stderr.isatty()) as bar:
+        def progress(r):
+            bar.update(1)
+            bar.set_postfix(answer=f"{r['answer_loss']:.3f}", lm=f"{r['lm_loss']:.3f}",
+                            exact=f"{r['answer_exact']:.2f}", gate=f"{r['write_gate_mean']:.3f}")
+
+        def write(r):
+            log.write(json.dumps(r) + "\n")
+            log.flush()
+
+        _, hist = tr.train(tc, out=Path(out), progress=progress, log=write if log else None)
+    if log:
+        log.close()
+    e = hist[-1].get("eval", {})
+    click.echo(f"wrote {out}: {tc.steps} steps in {hist[-1]['seconds']:.0f} s; held-back batch: answer exact "
+               f"{e.get('answer_exact', float('nan')):.3f}, answer loss {e.get('answer_loss', float('nan')):.3f}, "
+               f"LM loss {e.get('lm_loss', float('nan')):.3f}")
+
+
 def _engine(bundle: str | None, threads: int | None):
     from cortex_edge.runtime.bundle import load_bundle
     from cortex_edge.runtime.engine import Engine
@@ -222,8 +268,10 @@ def eval_():
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 @click.option("--memory", "memory", type=click.Choice(["both", "on", "off"]), default="both", show_default=True,
               help="sidecar on, off (ablation), or both")
+@click.option("--state", "states", default=None,
+              help="CMS state formats to compare, e.g. fp32,fp16,int8 (default: the bundle's)")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
-def niah(bundle, lengths, samples, threads, memory, json_out):
+def niah(bundle, lengths, samples, threads, memory, states, json_out):
     """Pass-key retrieval accuracy per haystack length, on held-out seeds, greedy, through the runtime."""
     from tqdm import tqdm
 
@@ -231,14 +279,21 @@ def niah(bundle, lengths, samples, threads, memory, json_out):
 
     lens = _contexts(lengths)
     modes = {"both": (True, False), "on": (True,), "off": (False,)}[memory]
+    fmts = None
+    if states is not None:
+        fmts = [f.strip() for f in states.split(",") if f.strip()]
+        bad = [f for f in fmts if f not in contract.STATE_FORMATS]
+        if bad or not fmts:
+            raise click.BadParameter(f"--state {states!r}: expected a comma-separated list of {', '.join(contract.STATE_FORMATS)}")
     engine = _engine(bundle, threads)
-    with tqdm(total=len(lens) * len(modes) * samples, unit="sample", disable=not sys.stderr.isatty()) as bar:
-        rep = nh.run(engine, lens, samples, modes, progress=bar.update)
+    runs = len(fmts or [0]) * (True in modes) + (False in modes)
+    with tqdm(total=len(lens) * runs * samples, unit="sample", disable=not sys.stderr.isatty()) as bar:
+        rep = nh.run(engine, lens, samples, modes, progress=bar.update, state_formats=fmts)
     click.echo(f"{engine.bundle.path}: weights {rep['weights']}, state {rep['state']}, window {rep['window']} "
                f"+ {rep['sinks']} sinks; chance {nh.CHANCE:.1e}")
-    click.echo(f"{'length':>8} {'sidecar':>8} {'accuracy':>9} {'95% CI':>15} {'beyond window':>14}")
+    click.echo(f"{'length':>8} {'sidecar':>8} {'state':>6} {'accuracy':>9} {'95% CI':>15} {'beyond window':>14}")
     for r in rep["rows"]:
-        click.echo(f"{r['length']:>8} {'on' if r['memory'] else 'off':>8} {r['accuracy']:>9.3f} "
+        click.echo(f"{r['length']:>8} {'on' if r['memory'] else 'off':>8} {r['state'] or '-':>6} {r['accuracy']:>9.3f} "
                    f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] {str(r['beyond_window']):>14}")
     if json_out:
         Path(json_out).write_text(json.dumps(rep, indent=1))

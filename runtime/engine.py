@@ -55,10 +55,14 @@ class State:
 
 
 class Engine:
-    def __init__(self, bundle: Bundle, threads: int | None = None):
+    def __init__(self, bundle: Bundle, threads: int | None = None, state_format: str | None = None):
+        """state_format: store the CMS state of new states in this format instead of the bundle's
+        (evaluations compare fp32 / fp16 / int8 on one bundle; sessions keep the bundle's)."""
         self.bundle = bundle
         self.cfg: ModelConfig = bundle.config
-        self.state_format = bundle.state_format
+        if state_format is not None and state_format not in contract.STATE_FORMATS:
+            raise ValueError(f"unknown state format {state_format!r}; expected one of {contract.STATE_FORMATS}")
+        self.state_format = state_format or bundle.state_format
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = int(threads or min(4, os.cpu_count() or 1))
         opts.inter_op_num_threads = 1

@@ -36,11 +36,13 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, c - h), min(1.0, c + h)
 
 
-def make_sample(encode, length: int, seed: int) -> tuple[list[int], str, float]:
-    """-> (token ids of haystack + needle + question, the key, needle depth in [0, 1])."""
+def make_sample(encode, length: int, seed: int, key: str | None = None,
+                max_depth: float = 1.0) -> tuple[list[int], str, float]:
+    """-> (token ids of haystack + needle + question, the key, needle depth in [0, max_depth])."""
     rng = np.random.default_rng(seed)
-    key = str(int(rng.integers(10000, 100000)))
-    depth = float(rng.uniform(0.0, 1.0))
+    k = str(int(rng.integers(10000, 100000)))
+    key = key or k
+    depth = float(rng.uniform(0.0, 1.0)) * max_depth
     filler = encode(FILLER)
     needle = encode(NEEDLE.format(key=key))
     question = encode(QUESTION)
@@ -61,7 +63,10 @@ def answer(engine: Engine, ids: list[int], decode, max_new: int = 8, memory: boo
     return decode(out)
 
 
-def run(engine: Engine, lengths: list[int], samples: int, memory_modes=(True, False), progress=None) -> dict:
+def run(engine: Engine, lengths: list[int], samples: int, memory_modes=(True, False), progress=None,
+        state_formats: list[str] | None = None) -> dict:
+    """Accuracy per (length, state format, sidecar on/off). The sidecar-off ablation never touches the
+    memory, so it runs once per length whatever the state formats."""
     from cortex_edge.runtime.text import load_tokenizer
 
     tok = load_tokenizer(engine.bundle.file(engine.bundle.manifest["tokenizer"].get("file", "tokenizer.json")))
@@ -73,8 +78,12 @@ def run(engine: Engine, lengths: list[int], samples: int, memory_modes=(True, Fa
         return tok.decode(ids, skip_special_tokens=True)
 
     rows = []
+    formats = state_formats or [engine.state_format]
+    own = engine.state_format
     for length in lengths:
-        for mem in memory_modes:
+        for fmt, mem in [(f, True) for f in formats if True in memory_modes] + \
+                        ([(formats[0], False)] if False in memory_modes else []):
+            engine.state_format = fmt
             hits, t0, cases = 0, time.perf_counter(), []
             for i in range(samples):
                 ids, key, depth = make_sample(encode, length, HELD_OUT_SEED + length * 1000 + i)
@@ -86,8 +95,10 @@ def run(engine: Engine, lengths: list[int], samples: int, memory_modes=(True, Fa
                 if progress:
                     progress(1)
             lo, hi = wilson(hits, samples)
-            rows.append({"length": length, "memory": mem, "samples": samples, "accuracy": hits / samples,
+            rows.append({"length": length, "memory": mem, "state": fmt if mem else None, "samples": samples,
+                         "accuracy": hits / samples,
                          "ci95": [lo, hi], "chance": CHANCE, "beyond_window": length > engine.cfg.sinks + engine.cfg.window,
                          "seconds": time.perf_counter() - t0, "cases": cases})
+    engine.state_format = own
     return {"bundle": str(engine.bundle.path), "weights": engine.bundle.weights, "state": engine.bundle.state_format,
             "window": engine.cfg.window, "sinks": engine.cfg.sinks, "held_out_seed": HELD_OUT_SEED, "rows": rows}

@@ -180,6 +180,7 @@ class TorchStream:
         self.events = 0
         self.acc = torch.zeros(batch, cfg.cms.event_dim)  # sum of write_feat over the current chunk
         self.event_log: list[dict] = []
+        self.read_log: list[dict] | None = None  # set to [] to collect the reader's gate and level mix per piece
 
     def piece(self, ids: torch.Tensor):
         """ids (B, T), not crossing a chunk boundary -> logits (B, T, V)"""
@@ -187,8 +188,11 @@ class TorchStream:
         T = ids.shape[1]
         plan = ring.plan_step(self.n, T, cfg.sinks, cfg.window)
         t = {k: torch.from_numpy(getattr(plan, k)) for k in ("q_pos", "win_pos", "sink_pos", "attn_mask")}
-        logits, nk, nv, feat = self.model.step(ids, t["q_pos"], t["win_pos"], t["sink_pos"], t["attn_mask"],
-                                               self.keys, self.values, self.mems, self.mem_keys)
+        out = self.model.step(ids, t["q_pos"], t["win_pos"], t["sink_pos"], t["attn_mask"],
+                              self.keys, self.values, self.mems, self.mem_keys, return_stats=self.read_log is not None)
+        logits, nk, nv, feat = out[:4]
+        if self.read_log is not None:
+            self.read_log.append(out[4])
         slots = torch.from_numpy(plan.slots)
         # later tokens overwrite earlier ones in the same slot only if T > W, which plan_step forbids
         self.keys = [k.index_copy(2, slots, n) for k, n in zip(self.keys, nk)]

@@ -1,0 +1,395 @@
+"""`cortex-edge train`: teach the CMS sidecar pass-key recall, with the stable recipe (or the naive one).
+
+Training runs the model exactly the way the runtime will (TorchStream: the ring, a memory event
+every C tokens, a read every token) and backpropagates through the memory across all the events
+of a sequence. The batch mixes two tasks:
+
+  pass key   filler haystack + "The pass key is 71432. ..." at a random depth + question + " 71432."
+             (runtime/niah.py's generator, training seeds only: < niah.HELD_OUT_SEED); loss on the answer
+  language   byte windows of the first 90 % of Genesis (KJV, cortex_edge/model/data); loss on every byte
+
+Recipes (cortexgpt-stability-solutions.md, applied to this model):
+
+  stable   residual read gate with temperature (h + γ·W_o c), RMSNorm around the read, learned decay,
+           fixed-interval consolidation (write_every), soft sparsity (an L1 cost on the write gates, no
+           hard top-k), separate AdamW + gradient clipping for memory and backbone, EMA of the weights
+  naive    CortexGPT's design: plain softmax gate over current / short / long memory (no residual, no
+           norm, no temperature), random 10 % consolidation, hard top-5 % addressing, no decay; one
+           AdamW, one global clip. Training-only: it has no export path.
+
+What this leaves out: the model (lm.py, cms.py), the export (export/), the evaluation (runtime/niah.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cortex_edge.config import ModelConfig, recall_config
+from cortex_edge.model.cms import CMSReader, CMSWriter
+from cortex_edge.model.lm import CortexLM, TorchStream, build
+from cortex_edge.runtime import niah
+
+TEXT = Path(__file__).parent / "data" / "genesis_kjv.txt"
+CHECKPOINT_FORMAT = "cortex-edge-checkpoint"
+ANSWER = " {key}."  # what follows niah.QUESTION
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    recipe: str = "stable"  # stable | naive
+    steps: int = 1500  # optimizer steps
+    batch: int = 16  # sequences per step
+    # curriculum: (end of the stage as a fraction of the steps, sequence lengths drawn from, pass-key share,
+    # share of pass-key batches whose needle lies beyond the attention's reach). From scratch, copying
+    # the key is learnt on short haystacks first, where the needle is mostly inside the window (at 256+
+    # tokens nothing was learnt in 450 steps; at 128, 0.94 exact in 500); then the needle moves out of reach.
+    stages: tuple = ((0.35, (128,), 1.0, 0.0), (1.0, (320,), 1.0, 0.7))
+    lr: float = 3e-3  # backbone AdamW learning rate (peak; cosine decay after warm-up)
+    memory_lr: float = 3e-3  # stable: the memory's own AdamW
+    warmup: int = 50  # linear warm-up steps
+    clip: float = 1.0  # backbone gradient clip (naive: the one global clip)
+    memory_clip: float = 0.5  # stable: memory gradient clip
+    ema: float = 0.99  # stable: EMA decay of the weights that get exported
+    gate_l1: float = 0.05  # stable: soft sparsity, cost per unit of mean write gate
+    l1_start: float = 0.5  # the gate cost ramps in linearly from this fraction of training to 3/4 of it
+    gate_init: float = 0.0  # stable: initial write-gate bias (sigmoid(0) = 0.5: memory usable from the start)
+    read_gate_init: float = 2.0  # stable: initial read-gate bias (W_o = 0 keeps the start silent anyway)
+    lm_weight: float = 0.1  # weight of the language-model loss against the answer loss
+    seed: int = 0
+    eval_every: int = 25  # steps between evaluations on a fixed batch
+
+    def validate(self) -> None:
+        if self.recipe not in ("stable", "naive"):
+            raise ValueError(f"recipe must be stable or naive, got {self.recipe!r}")
+        if self.steps < 1 or self.batch < 1 or not self.stages:
+            raise ValueError("steps, batch and stages must be positive")
+
+    def stage(self, step: int) -> tuple[tuple[int, ...], float, float]:
+        for end, lengths, frac, far in self.stages:
+            if step <= end * self.steps:
+                return tuple(lengths), float(frac), float(far)
+        return tuple(self.stages[-1][1]), float(self.stages[-1][2]), float(self.stages[-1][3])
+
+
+# ---------------------------------------------------------------------------------------- data
+def encode(text: str) -> list[int]:
+    """The byte tokenizer of the builtin models (export/builtin.py): ids 3..258 are bytes 0..255."""
+    return [3 + b for b in text.encode("utf-8")]
+
+
+def lm_corpus(split: str = "train") -> np.ndarray:
+    ids = np.array(encode(TEXT.read_text(encoding="utf-8")), dtype=np.int64)
+    cut = int(0.9 * len(ids))
+    return ids[:cut] if split == "train" else ids[cut:]
+
+
+def passkey_row(length: int, seed: int, far: int = 0) -> tuple[list[int], list[float]]:
+    """One training sample of exactly `length` tokens and its per-target loss weights (1 on the answer).
+    far > 0: the needle ends at least `far` tokens before the question (out of the attention's reach)."""
+    if seed >= niah.HELD_OUT_SEED:
+        raise ValueError("training seeds must stay below the held-out evaluation seeds")
+    rng = np.random.default_rng(seed)
+    key = str(int(rng.integers(10000, 100000)))
+    ans = encode(ANSWER.format(key=key))
+    max_depth = 1.0
+    if far:
+        n_fill = length - len(ans) - len(encode(niah.NEEDLE.format(key=key))) - len(encode(niah.QUESTION))
+        max_depth = min(1.0, max(0.0, (n_fill - far) / n_fill))
+    ids, _, _ = niah.make_sample(encode, length - len(ans), seed, key=key, max_depth=max_depth)
+    if len(ids) + len(ans) != length:
+        raise ValueError(f"a pass-key sample needs at least {len(ids) + len(ans)} tokens, got {length}")
+    ids = ids + ans
+    w = [0.0] * (length - len(ans)) + [1.0] * len(ans)  # weight of predicting ids[t] (from position t-1)
+    return ids, w
+
+
+def batch(rng: np.random.Generator, n: int, length: int, passkey_frac: float, corpus: np.ndarray, far: int = 0):
+    """-> ids (n, L) int64, answer weights (n, L) float32, is_passkey (n,) bool"""
+    ids = np.zeros((n, length), np.int64)
+    w = np.zeros((n, length), np.float32)
+    pk = np.zeros(n, bool)
+    for i in range(n):
+        if rng.random() < passkey_frac:
+            row, wt = passkey_row(length, int(rng.integers(0, niah.HELD_OUT_SEED)), far)
+            ids[i], w[i], pk[i] = row, wt, True
+        else:
+            at = int(rng.integers(0, len(corpus) - length))
+            ids[i] = corpus[at:at + length]
+    return torch.from_numpy(ids), torch.from_numpy(w), torch.from_numpy(pk)
+
+
+# ---------------------------------------------------------------------------------------- the naive design
+class NaiveReader(CMSReader):
+    """h' = g₀ h + g₁ U₀c₀ + g₂ Σ_{l>0} U_l c_l,  g = softmax(W [h ‖ short ‖ long]): no residual, norm, temperature."""
+
+    def __init__(self, dim, cfg, eps=1e-5):
+        super().__init__(dim, cfg, eps)
+        self.mix3 = nn.Linear(3 * dim, 3, bias=True)
+
+    def forward(self, h, mems, keys, return_stats=False):
+        q = self.query(h)
+        scale = 1.0 / math.sqrt(self.cfg.key_dim)
+        ctx = [torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, -1), m)
+               for m, k in zip(mems, keys)]
+        short = self.up[0](ctx[0])
+        long = sum(self.up[i](ctx[i]) for i in range(1, len(ctx))) if len(ctx) > 1 else torch.zeros_like(h)
+        g = torch.softmax(self.mix3(torch.cat([h, short, long], -1)), -1)  # (B, T, 3)
+        h2 = g[..., 0:1] * h + g[..., 1:2] * short + g[..., 2:3] * long
+        feat = self.compress(h)
+        if return_stats:
+            beta = g[..., 1:] / g[..., 1:].sum(-1, keepdim=True)  # share read from short / long
+            return h2, feat, {"gate": 1.0 - g[..., 0:1], "beta": beta}
+        return h2, feat
+
+
+class NaiveWriter(CMSWriter):
+    """No decay, hard top-5 % content addressing, upper levels consolidated on a random 10 % of events."""
+
+    def __init__(self, cfg, seed: int = 0):
+        super().__init__(cfg)
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def event_step(self, mems, keys, usage, s, event):
+        cfg = self.cfg
+        mems, keys, usage = list(mems), list(keys), list(usage)
+        q_w = self.query(s)
+        info = {"gate": [], "decay": []}
+        for lvl, head in enumerate(self.levels):
+            if lvl > 0 and torch.rand((), generator=self.gen).item() >= 0.1:
+                info["gate"].append(None)
+                info["decay"].append(None)
+                continue
+            x = s if lvl == 0 else torch.cat([s, self.read(mems[lvl - 1], keys[lvl - 1], q_w)], -1)
+            z = torch.tanh(head.z(x))
+            g = torch.sigmoid(head.gate(z))
+            v, k = head.value(z), head.key(z)
+            scores = torch.einsum("bnk,bk->bn", keys[lvl], k) / math.sqrt(cfg.key_dim)
+            top = max(1, math.ceil(0.05 * scores.shape[-1]))
+            val, idx = scores.topk(top, dim=-1)
+            a = torch.zeros_like(scores).scatter(-1, idx, torch.softmax(val, -1))
+            mems[lvl] = mems[lvl] + g.unsqueeze(-1) * torch.einsum("bn,bd->bnd", a, v)
+            keys[lvl] = keys[lvl] + g.unsqueeze(-1) * torch.einsum("bn,bk->bnk", a, k)
+            usage[lvl] = usage[lvl] + a
+            info["gate"].append(g)
+            info["decay"].append(torch.zeros_like(g))
+        return mems, keys, usage, info
+
+
+# ---------------------------------------------------------------------------------------- model
+def new_model(cfg: ModelConfig, recipe: str, seed: int, gate_init: float = 0.0, read_gate_init: float = -1.0) -> CortexLM:
+    model = build(cfg, seed).train()
+    if recipe == "naive":
+        model.cms_read = NaiveReader(cfg.dim, cfg.cms, cfg.norm_eps)
+        model.cms_write = NaiveWriter(cfg.cms, seed)
+        torch.manual_seed(seed)
+        for m in (model.cms_read, model.cms_write):
+            for name, p in m.named_parameters():
+                if p.dim() > 1:
+                    nn.init.normal_(p, std=1.0 / math.sqrt(p.shape[-1]))
+        return model
+    with torch.no_grad():  # the stable start: decay at its floor, write gate at gate_init
+        for head in model.cms_write.levels:
+            head.gate.bias.fill_(gate_init)
+            head.decay.bias.fill_(-10.0)
+        model.cms_read.gate.bias.fill_(read_gate_init)
+    return model
+
+
+def memory_params(model: nn.Module) -> tuple[list, list]:
+    mem, main = [], []
+    for name, p in model.named_parameters():
+        (mem if name.startswith("cms_") else main).append(p)
+    return main, mem
+
+
+def save_checkpoint(model: CortexLM, path: Path, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    sd = {k: v.detach().contiguous().float() for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(sd, str(tmp), metadata={"format": CHECKPOINT_FORMAT, "config": json.dumps(model.cfg.to_dict()),
+                                      "meta": json.dumps(meta)})
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path) -> tuple[CortexLM, dict]:
+    """A `cortex-edge train` checkpoint (safetensors, no pickle) -> eval-mode CortexLM, its metadata."""
+    from safetensors import safe_open
+
+    from cortex_edge.runtime.errors import CortexError
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            md = f.metadata() or {}
+            if md.get("format") != CHECKPOINT_FORMAT:
+                raise CortexError(f"{path} is not a cortex-edge training checkpoint")
+            cfg = ModelConfig.from_dict(json.loads(md["config"]))
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, ValueError, KeyError) as e:
+        raise CortexError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
+    model = CortexLM(cfg)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise CortexError(f"checkpoint {path} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.eval(), json.loads(md.get("meta", "{}"))
+
+
+# ---------------------------------------------------------------------------------------- one step
+def forward(model: CortexLM, ids: torch.Tensor, w_ans: torch.Tensor, stats: bool = False) -> dict:
+    """Run the stream over ids (B, L); losses and the stability metrics."""
+    stream = TorchStream(model, batch=ids.shape[0])
+    stream.read_log = [] if stats else None
+    logits = stream.feed(ids)  # (B, L, V)
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                         reduction="none").view(ids.shape[0], -1)  # (B, L-1) loss of predicting ids[:, t+1]
+    wa = w_ans[:, 1:]
+    ans = (ce * wa).sum() / wa.sum().clamp(min=1)
+    lm_mask = 1.0 - wa
+    lm = (ce * lm_mask).sum() / lm_mask.sum()
+    pred_ok = (logits[:, :-1].argmax(-1) == ids[:, 1:]) | (wa == 0)
+    rows = wa.sum(1) > 0
+    exact = pred_ok.all(1)[rows].float().mean() if rows.any() else torch.tensor(float("nan"))
+    gates = [g for ev in stream.event_log for g in ev["gate"] if g is not None]
+    write_gate = torch.cat([g.reshape(-1) for g in gates]).mean() if gates else torch.zeros(())
+    out = {"answer": ans, "lm": lm, "exact": exact, "write_gate": write_gate, "stream": stream}
+    return out
+
+
+def grad_norm(params) -> float:
+    g = [p.grad.detach().norm() for p in params if p.grad is not None]
+    return float(torch.stack(g).norm()) if g else 0.0
+
+
+def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    return -(p * (p + 1e-9).log()).sum(dim)
+
+
+def metrics(out: dict, model: CortexLM) -> dict:
+    st: TorchStream = out["stream"]
+    m = {"answer_loss": float(out["answer"]), "lm_loss": float(out["lm"]), "answer_exact": float(out["exact"]),
+         "write_gate_mean": float(out["write_gate"])}
+    if st.read_log:
+        gam = torch.cat([r["gate"].reshape(-1) for r in st.read_log]).clamp(1e-6, 1 - 1e-6)
+        beta = torch.cat([r["beta"].reshape(-1, r["beta"].shape[-1]) for r in st.read_log])
+        m["read_gate_mean"] = float(gam.mean())
+        m["read_gate_entropy"] = float(entropy(torch.stack([gam, 1 - gam], -1)).mean())
+        m["level_read_share"] = [float(x) for x in beta.mean(0)]
+        m["level_mix_entropy"] = float(entropy(beta).mean())
+    norms = [float(x[0].norm()) for x in st.mems]  # sample 0's ||M_l||_F after the last event
+    m["memory_norm"] = norms
+    cms = model.cfg.cms
+    if isinstance(model.cms_write, NaiveWriter):
+        m["memory_norm_bound"] = [float("inf")] * cms.levels  # no decay: unbounded
+    else:
+        w = model.cms_write.levels
+        vmax = [float(torch.linalg.matrix_norm(h.value.weight.detach(), 2)) * math.sqrt(cms.event_dim) for h in w]
+        dmin = cms.decay_min if cms.adaptive_decay else None
+        m["memory_norm_bound"] = [v / (dmin if dmin else d) for v, d in zip(vmax, cms.decay)]
+    return m
+
+
+# ---------------------------------------------------------------------------------------- the loop
+def train(tc: TrainConfig, cfg: ModelConfig | None = None, out: Path | None = None, progress=None,
+          log=None) -> tuple[CortexLM, list[dict]]:
+    """Train from a seed. Returns the model to export (EMA weights for the stable recipe) and the history."""
+    tc.validate()
+    cfg = cfg or recall_config()
+    torch.manual_seed(tc.seed)
+    rng = np.random.default_rng(tc.seed)
+    corpus = lm_corpus("train")
+    model = new_model(cfg, tc.recipe, tc.seed, tc.gate_init, tc.read_gate_init)
+    main, mem = memory_params(model)
+    stable = tc.recipe == "stable"
+    if stable:
+        opts = [torch.optim.AdamW(main, lr=tc.lr, weight_decay=0.01, betas=(0.9, 0.95)),
+                torch.optim.AdamW(mem, lr=tc.memory_lr, weight_decay=0.001, betas=(0.9, 0.95))]
+        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(tc.ema))
+    else:
+        opts = [torch.optim.AdamW(main + mem, lr=tc.lr, weight_decay=0.01, betas=(0.9, 0.95))]
+        ema = None
+    base = [o.param_groups[0]["lr"] for o in opts]
+    eval_rng = np.random.default_rng(10_000 + tc.seed)  # a fixed evaluation batch, training seeds only
+    eval_batch = batch(eval_rng, 32, max(tc.stages[-1][1]), tc.stages[-1][2], corpus,
+                       far=cfg.sinks + cfg.window + cfg.cms.chunk)  # recall from memory only
+    history = []
+    t0 = time.perf_counter()
+    for step in range(1, tc.steps + 1):
+        frac = step / tc.warmup if step <= tc.warmup else \
+            0.5 * (1 + math.cos(math.pi * (step - tc.warmup) / max(1, tc.steps - tc.warmup)))
+        for o, b in zip(opts, base):
+            for g in o.param_groups:
+                g["lr"] = b * max(frac, 0.05)
+        lengths, pk_frac, far_frac = tc.stage(step)
+        length = int(lengths[rng.integers(0, len(lengths))])
+        far = cfg.sinks + cfg.window + cfg.cms.chunk if rng.random() < far_frac else 0
+        ids, w, _ = batch(rng, tc.batch, length, pk_frac, corpus, far)
+        o = forward(model, ids, w, stats=True)
+        loss = o["answer"] + tc.lm_weight * o["lm"]
+        if stable:
+            ramp = min(1.0, max(0.0, (step / tc.steps - tc.l1_start) / 0.25))
+            loss = loss + ramp * tc.gate_l1 * o["write_gate"]
+        for op in opts:
+            op.zero_grad(set_to_none=True)
+        loss.backward()
+        rec = {"step": step, "length": length, "loss": float(loss.detach()), "grad_norm_backbone": grad_norm(main),
+               "grad_norm_memory": grad_norm(mem)}
+        if stable:
+            torch.nn.utils.clip_grad_norm_(main, tc.clip)
+            torch.nn.utils.clip_grad_norm_(mem, tc.memory_clip)
+        else:
+            torch.nn.utils.clip_grad_norm_(main + mem, tc.clip)
+        for op in opts:
+            op.step()
+        if ema is not None:
+            ema.update_parameters(model)
+        rec.update(metrics(o, model))
+        if step % tc.eval_every == 0 or step == tc.steps:
+            rec["eval"] = evaluate(ema.module if ema is not None else model, eval_batch, tc)
+        rec["seconds"] = round(time.perf_counter() - t0, 2)
+        history.append(rec)
+        if log:
+            log(rec)
+        if progress:
+            progress(rec)
+    final = ema.module if ema is not None else model
+    final.eval()
+    if out is not None:
+        save_checkpoint(final, out, {"train": dataclasses.asdict(tc), "steps": tc.steps,
+                                     "seconds": round(time.perf_counter() - t0, 1),
+                                     "final_eval": history[-1].get("eval")})
+    return final, history
+
+
+@torch.no_grad()
+def evaluate(model: CortexLM, eval_batch, tc: TrainConfig) -> dict:
+    was = model.training
+    model.eval()
+    ids, w, _ = eval_batch
+    o = forward(model, ids, w)
+    model.train(was)
+    return {"loss": float(o["answer"] + tc.lm_weight * o["lm"]), "answer_loss": float(o["answer"]),
+            "lm_loss": float(o["lm"]), "answer_exact": float(o["exact"])}
+
+
+def oscillation(losses: list[float], window: int = 50, skip: float = 0.2) -> dict:
+    """The oscillation ratio: max / min of the loss inside each sliding window of `window` steps, after
+    skipping the first `skip` of training (the initial descent is not oscillation). Median and worst."""
+    x = np.asarray(losses[int(skip * len(losses)):], dtype=np.float64)
+    if len(x) < window:
+        window = max(2, len(x))
+    r = np.array([x[i:i + window].max() / max(x[i:i + window].min(), 1e-12) for i in range(len(x) - window + 1)])
+    return {"window": window, "skip": skip, "median": float(np.median(r)), "worst": float(r.max())}

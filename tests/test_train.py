@@ -1,0 +1,128 @@
+"""`cortex-edge train`: the task data, backpropagation through memory events, both recipes, checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.conftest import requires_torch
+
+pytestmark = requires_torch
+
+
+def test_passkey_rows_hold_the_answer_and_only_training_seeds():
+    from cortex_edge.model import train as tr
+    from cortex_edge.runtime import niah
+
+    for length in (200, 400):
+        ids, w = tr.passkey_row(length, seed=123)
+        assert len(ids) == len(w) == length
+        text = bytes(i - 3 for i in ids).decode()
+        key = text.split("The pass key is ")[1][:5]
+        assert text.endswith(niah.QUESTION + f" {key}.")
+        assert sum(w) == len(f" {key}.") and w[-1] == 1.0 and w[-len(f" {key}.") - 1] == 0.0
+    with pytest.raises(ValueError, match="held-out"):
+        tr.passkey_row(200, seed=niah.HELD_OUT_SEED)
+
+
+def test_far_needles_end_out_of_the_attention_reach():
+    from cortex_edge.model import train as tr
+
+    far = 84
+    for seed in range(30):
+        ids, _ = tr.passkey_row(400, seed, far=far)
+        text = bytes(i - 3 for i in ids).decode()
+        needle_end = text.index(" is the pass key. ") + len(" is the pass key. ")
+        question = text.index("What is the pass key?")
+        assert question - needle_end >= far
+
+
+def test_answer_loss_reaches_the_write_weights_across_events():
+    """The gradient of a late answer flows back through the memory to an early event's write."""
+    import torch
+
+    from cortex_edge.config import tiny_config
+    from cortex_edge.model import train as tr
+
+    cfg = tiny_config()
+    model = tr.new_model(cfg, "stable", seed=0)
+    with torch.no_grad():
+        model.cms_read.out.weight.normal_(0, 0.1)  # an untrained read is silent (W_o = 0)
+    ids, w = tr.passkey_row(160, seed=5, far=cfg.sinks + cfg.window + cfg.cms.chunk)
+    out = tr.forward(model, torch.tensor([ids]), torch.tensor([w]))
+    out["answer"].backward()
+    g = model.cms_write.levels[0].value.weight.grad
+    assert g is not None and float(g.abs().max()) > 0
+    assert out["stream"].events == 160 // cfg.cms.chunk
+
+
+@pytest.mark.parametrize("recipe", ["stable", "naive"])
+def test_a_few_steps_of_each_recipe(tmp_path, recipe):
+    from cortex_edge.config import tiny_config
+    from cortex_edge.model import train as tr
+
+    tc = tr.TrainConfig(recipe=recipe, steps=4, batch=2, stages=((0.5, (112,), 0.5, 0.0), (1.0, (160,), 1.0, 1.0)), eval_every=2, warmup=1)
+    out = tmp_path / "m.safetensors"
+    _, hist = tr.train(tc, cfg=tiny_config(), out=out if recipe == "stable" else None)
+    assert len(hist) == 4 and all(np.isfinite(h["loss"]) for h in hist)
+    for key in ("grad_norm_backbone", "grad_norm_memory", "read_gate_entropy", "level_read_share",
+                "memory_norm", "memory_norm_bound", "write_gate_mean"):
+        assert key in hist[-1]
+    assert "eval" in hist[1] and "eval" in hist[3]
+    if recipe == "stable":
+        assert all(n <= b for n, b in zip(hist[-1]["memory_norm"], hist[-1]["memory_norm_bound"]))
+        model, meta = tr.load_checkpoint(out)
+        assert meta["steps"] == 4 and model.cfg == tiny_config()
+
+
+def test_naive_writer_has_no_decay_and_hard_top_k():
+    import torch
+
+    from cortex_edge.config import tiny_config
+    from cortex_edge.model import train as tr
+    from cortex_edge.model.cms import empty_state
+
+    cfg = tiny_config().cms
+    w = tr.NaiveWriter(cfg, seed=0)
+    mems, keys, usage = empty_state(cfg, batch=1)
+    for e in range(1, 6):
+        mems, keys, usage, _ = w.event_step(mems, keys, usage, torch.randn(1, cfg.event_dim), e)
+    written = (mems[0].abs().sum(-1) > 0).sum().item()
+    assert written <= 5  # one slot per event (top-5 % of 16 slots = 1)
+    before = mems[0].clone()
+    with torch.no_grad():
+        for head in w.levels:
+            head.gate.bias.fill_(-1e4)  # gate shut: nothing decays either
+    mems, *_ = w.event_step(mems, keys, usage, torch.randn(1, cfg.event_dim), 6)
+    assert torch.allclose(mems[0], before)
+
+
+def test_oscillation_ratio():
+    from cortex_edge.model.train import oscillation
+
+    assert oscillation([2.0] * 100)["worst"] == 1.0
+    o = oscillation([1.0, 4.0] * 100, window=10)
+    assert o["median"] == 4.0 and o["worst"] == 4.0
+
+
+def test_a_checkpoint_exports_and_a_wrong_file_is_refused(tmp_path):
+    from safetensors.numpy import save_file
+
+    from cortex_edge.config import tiny_config
+    from cortex_edge.export.pipeline import export_model
+    from cortex_edge.model import train as tr
+    from cortex_edge.model.lm import build
+    from cortex_edge.runtime.bundle import load_bundle
+    from cortex_edge.runtime.engine import Engine
+    from cortex_edge.runtime.errors import CortexError
+
+    ck = tmp_path / "c.safetensors"
+    tr.save_checkpoint(build(tiny_config(), 3), ck, {"steps": 0})
+    man = export_model(str(ck), tmp_path / "b", quiet=True)
+    assert man["validation"]["stream"]["top1_agreement"] > 0.9
+    eng = Engine(load_bundle(tmp_path / "b"), threads=1, state_format="fp16")
+    assert eng.new_state().levels[0].mem["q"].dtype == np.float16
+    bad = tmp_path / "bad.safetensors"
+    save_file({"x": np.zeros(3, np.float32)}, str(bad))
+    with pytest.raises(CortexError, match="not a cortex-edge training checkpoint"):
+        export_model(str(bad), tmp_path / "b2", quiet=True)
