@@ -86,16 +86,15 @@ def train(out, recipe, steps, seed, threads, log_out):
         _fail("train needs the workstation extra: pip install 'cortex-edge[export]'")
     if not out.endswith(".safetensors"):
         raise click.BadParameter(f"--out {out!r}: the checkpoint file must end in .safetensors")
-    import torch
     from tqdm import tqdm
 
     from cortex_edge.model import train as tr
 
     if threads:
-        torch.set_num_threads(threads)
+        tr.set_threads(threads)
     tc = tr.TrainConfig(recipe=recipe, seed=seed, **({"steps": steps} if steps else {}))
     log = open(log_out, "w") if log_out else None
-    with tqdm(total=tc.steps, unit="step", disable=not sys.stderr.isatty()) as bar:
+    with tqdm(total=tc.steps + tc.long_steps, unit="step", disable=not sys.stderr.isatty()) as bar:
         def progress(r):
             bar.update(1)
             bar.set_postfix(answer=f"{r['answer_loss']:.3f}", lm=f"{r['lm_loss']:.3f}",
@@ -109,7 +108,7 @@ def train(out, recipe, steps, seed, threads, log_out):
     if log:
         log.close()
     e = hist[-1].get("eval", {})
-    click.echo(f"wrote {out}: {tc.steps} steps in {hist[-1]['seconds']:.0f} s; held-back batch: answer exact "
+    click.echo(f"wrote {out}: {len(hist)} steps in {hist[-1]['seconds']:.0f} s; held-back batch: answer exact "
                f"{e.get('answer_exact', float('nan')):.3f}, answer loss {e.get('answer_loss', float('nan')):.3f}, "
                f"LM loss {e.get('lm_loss', float('nan')):.3f}")
 

@@ -61,10 +61,10 @@ def test_a_few_steps_of_each_recipe(tmp_path, recipe):
     from cortex_edge.config import tiny_config
     from cortex_edge.model import train as tr
 
-    tc = tr.TrainConfig(recipe=recipe, steps=4, batch=2, stages=((0.5, (112,), 0.5, 0.0), (1.0, (160,), 1.0, 1.0)), eval_every=2, warmup=1)
+    tc = tr.TrainConfig(recipe=recipe, steps=4, batch=2, stages=((0.5, (112,), 0.5, 0.0), (1.0, (160,), 1.0, 1.0)), eval_every=2, warmup=1, long_steps=2, long_stages=((1.0, (224,), 1.0, 1.0),))
     out = tmp_path / "m.safetensors"
     _, hist = tr.train(tc, cfg=tiny_config(), out=out if recipe == "stable" else None)
-    assert len(hist) == 4 and all(np.isfinite(h["loss"]) for h in hist)
+    assert len(hist) == 6 and all(np.isfinite(h["loss"]) for h in hist)
     for key in ("grad_norm_backbone", "grad_norm_memory", "read_gate_entropy", "level_read_share",
                 "memory_norm", "memory_norm_bound", "write_gate_mean"):
         assert key in hist[-1]
@@ -72,7 +72,7 @@ def test_a_few_steps_of_each_recipe(tmp_path, recipe):
     if recipe == "stable":
         assert all(n <= b for n, b in zip(hist[-1]["memory_norm"], hist[-1]["memory_norm_bound"]))
         model, meta = tr.load_checkpoint(out)
-        assert meta["steps"] == 4 and model.cfg == tiny_config()
+        assert meta["steps"] == 6 and model.cfg == tiny_config()
 
 
 def test_naive_writer_has_no_decay_and_hard_top_k():

@@ -70,7 +70,7 @@ class CMSReader(nn.Module):
         h2 = h + gamma * self.out(c)
         feat = self.compress(n)  # (B, T, d_z)
         if return_stats:
-            return h2, feat, {"gate": gamma, "beta": beta}
+            return h2, feat, {"gate": gamma, "beta": beta, "read": c}
         return h2, feat
 
 
