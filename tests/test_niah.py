@@ -50,3 +50,10 @@ def test_run_reports_every_length_and_mode(engine):
     for r in rep["rows"]:
         assert 0 <= r["accuracy"] <= 1 and r["ci95"][0] <= r["accuracy"] <= r["ci95"][1]
         assert len(r["cases"]) == 2 and r["chance"] == niah.CHANCE
+
+
+def test_state_formats_and_the_ablation_each_get_a_row(engine):
+    rep = niah.run(engine, [200], 1, (True, False), state_formats=["fp32", "int8"])
+    got = [(r["state"], r["memory"]) for r in rep["rows"]]
+    assert got == [("fp32", True), ("int8", True), (None, False)]
+    assert engine.state_format == engine.bundle.state_format  # restored after the run
