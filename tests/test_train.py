@@ -141,7 +141,7 @@ def test_the_shipped_recall_model_recalls_beyond_the_window_through_the_int8_run
     eng = Engine(load_bundle(tmp_path / "b"), threads=1)
     rep = niah.run(eng, [1024], 20, (True, False))
     on, off = (r["accuracy"] for r in rep["rows"])
-    assert on >= 0.8 and off <= 0.2, (on, off)
+    assert on >= 0.7 and off <= 0.1, (on, off)  # measured: 17 / 20 and 0 / 20 (README)
 
 
 def test_builtin_recall_is_a_trained_checkpoint_of_its_config():

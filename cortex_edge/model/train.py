@@ -8,6 +8,11 @@ of a sequence. The batch mixes two tasks:
              (runtime/niah.py's generator, training seeds only: < niah.HELD_OUT_SEED); loss on the answer
   language   byte windows of the first 90 % of Genesis (KJV, cortex_edge/model/data); loss on every byte
 
+Schedule: a curriculum (short haystacks where the key can be copied from the window, then needles out of
+the attention's reach), then a long stage (1,024-token haystacks, a stronger gate cost) from the EMA
+weights. A training-only linear probe reads the key's digits from the memory read (deep supervision);
+it is not part of the model and is not exported.
+
 Recipes (cortexgpt-stability-solutions.md, applied to this model):
 
   stable   residual read gate with temperature (h + γ·W_o c), RMSNorm around the read, learned decay,
