@@ -332,13 +332,13 @@ def metrics(out: dict, model: CortexLM) -> dict:
     m = {k: float(out[v].detach()) for k, v in (("answer_loss", "answer"), ("lm_loss", "lm"), ("answer_exact", "exact"),
                                                  ("write_gate_mean", "write_gate"), ("write_gate_median", "write_gate_median"))}
     if st.read_log:
-        gam = torch.cat([r["gate"].reshape(-1) for r in st.read_log]).clamp(1e-6, 1 - 1e-6)
-        beta = torch.cat([r["beta"].reshape(-1, r["beta"].shape[-1]) for r in st.read_log])
+        gam = torch.cat([r["gate"].detach().reshape(-1) for r in st.read_log]).clamp(1e-6, 1 - 1e-6)
+        beta = torch.cat([r["beta"].detach().reshape(-1, r["beta"].shape[-1]) for r in st.read_log])
         m["read_gate_mean"] = float(gam.mean())
         m["read_gate_entropy"] = float(entropy(torch.stack([gam, 1 - gam], -1)).mean())
         m["level_read_share"] = [float(x) for x in beta.mean(0)]
         m["level_mix_entropy"] = float(entropy(beta).mean())
-    norms = [float(x[0].norm()) for x in st.mems]  # sample 0's ||M_l||_F after the last event
+    norms = [float(x[0].detach().norm()) for x in st.mems]  # sample 0's ||M_l||_F after the last event
     m["memory_norm"] = norms
     cms = model.cfg.cms
     if isinstance(model.cms_write, NaiveWriter):
