@@ -16,6 +16,8 @@ requires_torch = pytest.mark.skipif(not HAS_TORCH, reason="needs torch (workstat
 
 def pytest_addoption(parser):
     parser.addoption("--bundle", default=None, help="a prebuilt bundle, for runtime-only runs without torch (aarch64)")
+    parser.addoption("--recall-bundle", default=None,
+                     help="a prebuilt builtin:recall bundle (int8/int8), for runtime-only runs (aarch64)")
 
 
 @pytest.fixture(scope="session")
@@ -48,6 +50,21 @@ def bundle_int8(tmp_path_factory, tiny):
 def runtime_bundle(request):
     """--bundle when given (runtime-only runs, e.g. emulated aarch64 without torch), else a fresh int8 export."""
     return request.config.getoption("--bundle", default=None) or request.getfixturevalue("bundle_int8")
+
+
+@pytest.fixture(scope="session")
+def recall_bundle(request, tmp_path_factory):
+    """--recall-bundle when given, else builtin:recall (the trained checkpoint) exported to int8 / int8."""
+    given = request.config.getoption("--recall-bundle", default=None)
+    if given:
+        return given
+    if not HAS_TORCH:
+        pytest.skip("needs --recall-bundle or torch to export builtin:recall")
+    from cortex_edge.export.pipeline import export_model
+
+    out = tmp_path_factory.mktemp("bundles") / "recall-int8-int8"
+    export_model("builtin:recall", out, weights="int8", state="int8", quiet=True)
+    return out
 
 
 @pytest.fixture(scope="module")
