@@ -62,23 +62,11 @@ def prepare(work: Path) -> dict:
     int8 = work / "ort-int8"
     int8.mkdir(exist_ok=True)
     if not (int8 / "model.onnx").exists():
-        import logging
-
         import onnx
-        from onnxruntime.quantization.matmul_nbits_quantizer import (
-            DefaultWeightOnlyQuantConfig,
-            MatMulNBitsQuantizer,
-        )
-        from onnxruntime.quantization.quant_utils import QuantFormat
 
-        from cortex_edge.quantize.weights import ACCURACY_LEVEL, BLOCK_SIZE
+        from cortex_edge.quantize.weights import matmul_nbits
 
-        logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
-        q = MatMulNBitsQuantizer(onnx.load(str(fp32 / "model.onnx")), algo_config=DefaultWeightOnlyQuantConfig(
-            block_size=BLOCK_SIZE, is_symmetric=True, bits=8, accuracy_level=ACCURACY_LEVEL,
-            quant_format=QuantFormat.QOperator, op_types_to_quantize=("MatMul",)))
-        q.process()
-        onnx.save(q.model.model, str(int8 / "model.onnx"), save_as_external_data=False)
+        onnx.save(matmul_nbits(onnx.load(str(fp32 / "model.onnx")), bits=8), str(int8 / "model.onnx"))
     return {"fp32": str(fp32 / "model.onnx"), "int8": str(int8 / "model.onnx"), "pins": PEER_PINS}
 
 

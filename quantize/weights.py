@@ -28,27 +28,32 @@ def quantize_graph(src: Path, dst: Path, weights: str, block_size: int = BLOCK_S
         return {"weights": "fp32", "matmuls_quantized": 0, "bytes": dst.stat().st_size}
     if weights not in ("int8", "int4"):
         raise ValueError(f"unknown weight format {weights!r}")
-    from onnxruntime.quantization.matmul_nbits_quantizer import (
-        DefaultWeightOnlyQuantConfig,
-        MatMulNBitsQuantizer,
-    )
-    from onnxruntime.quantization.quant_utils import QuantFormat
-
     bits = 8 if weights == "int8" else 4
-    model = onnx.load(str(src))
-    cfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=(bits == 8), bits=bits,
-                                       accuracy_level=ACCURACY_LEVEL, quant_format=QuantFormat.QOperator,
-                                       op_types_to_quantize=("MatMul",))
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
-    q = MatMulNBitsQuantizer(model, algo_config=cfg)
-    q.process()
-    out = q.model.model
+    out = matmul_nbits(onnx.load(str(src)), bits, block_size)
     n = sum(1 for node in out.graph.node if node.op_type == "MatMulNBits")
     emb = embeddings_to_fp16(out)
     onnx.save(out, str(dst))
     return {"weights": weights, "bits": bits, "block_size": block_size, "accuracy_level": ACCURACY_LEVEL,
             "matmuls_quantized": n, "embedding": emb,
             "bytes": dst.stat().st_size}
+
+
+def matmul_nbits(model, bits: int, block_size: int = BLOCK_SIZE):
+    """Every MatMul with a constant weight -> MatMulNBits (8: symmetric, 4: asymmetric), accuracy_level 4.
+    Returns the quantized onnx ModelProto (bench/ort_peer.py quantizes its peer with the same call)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+    from onnxruntime.quantization.quant_utils import QuantFormat
+
+    cfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=(bits == 8), bits=bits,
+                                       accuracy_level=ACCURACY_LEVEL, quant_format=QuantFormat.QOperator,
+                                       op_types_to_quantize=("MatMul",))
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.ERROR)
+    q = MatMulNBitsQuantizer(model, algo_config=cfg)
+    q.process()
+    return q.model.model
 
 
 def embeddings_to_fp16(model) -> str:

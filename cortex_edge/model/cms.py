@@ -53,16 +53,17 @@ class CMSReader(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.constant_(self.gate.bias, -1.0)  # favour the backbone's own path at the start
 
+    def read_levels(self, q: torch.Tensor, mems: list[torch.Tensor], keys: list[torch.Tensor]) -> list[torch.Tensor]:
+        """q (B, T, d_k) -> per level c_l = softmax(K_l q / √d_k)ᵀ M_l, (B, T, d_l)"""
+        scale = 1.0 / math.sqrt(self.cfg.key_dim)
+        return [torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, dim=-1), m)
+                for m, k in zip(mems, keys)]
+
     def forward(self, h: torch.Tensor, mems: list[torch.Tensor], keys: list[torch.Tensor],
                 return_stats: bool = False):
         """h (B, T, D); mems[l] (B, N_l, d_l); keys[l] (B, N_l, d_k) -> h' (B, T, D), write_feat (B, T, d_z)"""
         n = self.norm_in(h)
-        q = self.query(n)  # (B, T, d_k)
-        scale = 1.0 / math.sqrt(self.cfg.key_dim)
-        ctx = []
-        for m, k in zip(mems, keys):
-            att = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, dim=-1)  # (B, T, N_l)
-            ctx.append(torch.matmul(att, m))  # (B, T, d_l)
+        ctx = self.read_levels(self.query(n), mems, keys)
         beta = torch.softmax(self.mix(torch.cat(ctx, dim=-1)), dim=-1)  # (B, T, L+1)
         c = sum(beta[..., i:i + 1] * up(cl) for i, (up, cl) in enumerate(zip(self.up, ctx)))  # (B, T, D)
         c = self.norm_out(c)
@@ -109,6 +110,17 @@ class CMSWriter(nn.Module):
             return lru
         return self.cfg.hybrid_mix * content + (1.0 - self.cfg.hybrid_mix) * lru
 
+    def due(self, level: int, event: int) -> bool:
+        """Level l steps on every write_every[l]-th event (consolidation at fixed intervals)."""
+        return event % self.cfg.write_every[level] == 0
+
+    def decay(self, head: WriteLevel, z: torch.Tensor, g: torch.Tensor, level: int) -> torch.Tensor:
+        """(B, 1) decay of this write: fixed d_l, or adaptive in [d_min, d_max]."""
+        cfg = self.cfg
+        if cfg.adaptive_decay:
+            return cfg.decay_min + (cfg.decay_max - cfg.decay_min) * torch.sigmoid(head.decay(z))
+        return torch.full_like(g, cfg.decay[level])
+
     def event_step(self, mems: list[torch.Tensor], keys: list[torch.Tensor], usage: list[torch.Tensor],
                    s: torch.Tensor, event: int):
         """One memory event, as written in the CMS note, level by level. s (B, d_z). Returns new lists + info."""
@@ -117,7 +129,7 @@ class CMSWriter(nn.Module):
         q_w = self.query(s)  # (B, d_k)
         info = {"gate": [], "decay": []}
         for lvl, head in enumerate(self.levels):
-            if event % cfg.write_every[lvl]:
+            if not self.due(lvl, event):
                 info["gate"].append(None)
                 info["decay"].append(None)
                 continue
@@ -126,10 +138,7 @@ class CMSWriter(nn.Module):
             g = torch.sigmoid(head.gate(z))  # (B, 1)
             v = head.value(z)  # (B, d_l)
             k = head.key(z)  # (B, d_k)
-            if cfg.adaptive_decay:
-                d = cfg.decay_min + (cfg.decay_max - cfg.decay_min) * torch.sigmoid(head.decay(z))  # (B, 1)
-            else:
-                d = torch.full_like(g, cfg.decay[lvl])
+            d = self.decay(head, z, g, lvl)  # (B, 1)
             a = self.address(keys[lvl], usage[lvl], k)  # (B, N)
             keep = (1.0 - d).unsqueeze(-1)  # (B, 1, 1)
             m = keep * mems[lvl]

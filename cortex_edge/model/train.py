@@ -167,10 +167,7 @@ class NaiveReader(CMSReader):
         self.mix3 = nn.Linear(3 * dim, 3, bias=True)
 
     def forward(self, h, mems, keys, return_stats=False):
-        q = self.query(h)
-        scale = 1.0 / math.sqrt(self.cfg.key_dim)
-        ctx = [torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, -1), m)
-               for m, k in zip(mems, keys)]
+        ctx = self.read_levels(self.query(h), mems, keys)
         short = self.up[0](ctx[0])
         long = sum(self.up[i](ctx[i]) for i in range(1, len(ctx))) if len(ctx) > 1 else torch.zeros_like(h)
         g = torch.softmax(self.mix3(torch.cat([h, short, long], -1)), -1)  # (B, T, 3)
@@ -183,36 +180,23 @@ class NaiveReader(CMSReader):
 
 
 class NaiveWriter(CMSWriter):
-    """No decay, hard top-5 % content addressing, upper levels consolidated on a random 10 % of events."""
+    """CMSWriter's event loop with no decay, hard top-5 % content addressing, and upper levels consolidated
+    on a random 10 % of events."""
 
     def __init__(self, cfg, seed: int = 0):
         super().__init__(cfg)
         self.gen = torch.Generator().manual_seed(seed)
 
-    def event_step(self, mems, keys, usage, s, event):
-        cfg = self.cfg
-        mems, keys, usage = list(mems), list(keys), list(usage)
-        q_w = self.query(s)
-        info = {"gate": [], "decay": []}
-        for lvl, head in enumerate(self.levels):
-            if lvl > 0 and torch.rand((), generator=self.gen).item() >= 0.1:
-                info["gate"].append(None)
-                info["decay"].append(None)
-                continue
-            x = s if lvl == 0 else torch.cat([s, self.read(mems[lvl - 1], keys[lvl - 1], q_w)], -1)
-            z = torch.tanh(head.z(x))
-            g = torch.sigmoid(head.gate(z))
-            v, k = head.value(z), head.key(z)
-            scores = torch.einsum("bnk,bk->bn", keys[lvl], k) / math.sqrt(cfg.key_dim)
-            top = max(1, math.ceil(0.05 * scores.shape[-1]))
-            val, idx = scores.topk(top, dim=-1)
-            a = torch.zeros_like(scores).scatter(-1, idx, torch.softmax(val, -1))
-            mems[lvl] = mems[lvl] + g.unsqueeze(-1) * torch.einsum("bn,bd->bnd", a, v)
-            keys[lvl] = keys[lvl] + g.unsqueeze(-1) * torch.einsum("bn,bk->bnk", a, k)
-            usage[lvl] = usage[lvl] + a
-            info["gate"].append(g)
-            info["decay"].append(torch.zeros_like(g))
-        return mems, keys, usage, info
+    def due(self, level, event):
+        return level == 0 or torch.rand((), generator=self.gen).item() < 0.1
+
+    def decay(self, head, z, g, level):
+        return torch.zeros_like(g)
+
+    def address(self, keys, usage, k):
+        scores = torch.einsum("bnk,bk->bn", keys, k) / math.sqrt(self.cfg.key_dim)
+        val, idx = scores.topk(max(1, math.ceil(0.05 * scores.shape[-1])), dim=-1)
+        return torch.zeros_like(scores).scatter(-1, idx, torch.softmax(val, -1))
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -346,8 +330,8 @@ def metrics(out: dict, model: CortexLM) -> dict:
     else:
         w = model.cms_write.levels
         vmax = [float(torch.linalg.matrix_norm(h.value.weight.detach(), 2)) * math.sqrt(cms.event_dim) for h in w]
-        dmin = cms.decay_min if cms.adaptive_decay else None
-        m["memory_norm_bound"] = [v / (dmin if dmin else d) for v, d in zip(vmax, cms.decay)]
+        floor = [cms.decay_min] * cms.levels if cms.adaptive_decay else cms.decay
+        m["memory_norm_bound"] = [v / d for v, d in zip(vmax, floor)]
     return m
 
 
