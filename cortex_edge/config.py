@@ -35,6 +35,7 @@ class CMSConfig:
     addressing: str = "hybrid"  # write addressing: content | lru | hybrid
     hybrid_mix: float = 0.5  # lambda in hybrid addressing: lambda * content + (1 - lambda) * lru
     delta_rule: bool = False  # erase what the address holds before writing (slot form of the gated delta rule)
+    write_threshold: float = 0.0  # tau: gate g writes max(g - tau, 0) / (1 - tau); below tau decay only, usage kept
 
     @property
     def levels(self) -> int:
@@ -62,6 +63,8 @@ class CMSConfig:
             raise ConfigError(f"cms.addressing must be one of {ADDRESSING_MODES}, got {self.addressing!r}")
         if not 0.0 <= self.hybrid_mix <= 1.0:
             raise ConfigError("cms.hybrid_mix must lie in [0, 1]")
+        if not 0.0 <= self.write_threshold < 1.0:
+            raise ConfigError("cms.write_threshold must lie in [0, 1)")
 
     def state_floats(self) -> list[int]:
         """fp32 values held per level: memory N*d plus keys N*d_k."""
@@ -190,5 +193,6 @@ def recall_config() -> ModelConfig:
             decay_min=1e-5,
             decay_max=0.2,
             addressing="lru",
+            write_threshold=0.05,
         ),
     )

@@ -12,12 +12,13 @@ One event, given the chunk summary s (mean of the graph's write_feat over the ch
       │                                │
       └──────────► [s ; c_below] ──► z = tanh(W_z x + b_z)
                                         ├─► g = sigmoid(w_g·z + b_g)            write gate
+                                        │   g ← max(g - τ, 0) / (1 - τ)          sparse write (τ = write_threshold)
                                         ├─► v = W_v z,  k = W_k z               value, key
                                         ├─► d = d_l or d_min + (d_max-d_min)·sigmoid(w_d·z + b_d)
                                         └─► a = content | lru | hybrid           address, ||a||_2 <= 1
       M_l ← (1-d) M_l + g a ⊗ v            (delta rule: + g a ⊗ (v - aᵀ(1-d)M_l))
       K_l ← (1-d) K_l + g a ⊗ k            (same form)
-      u_l ← (1-d) u_l + a                  (usage, for LRU)
+      u_l ← (1-d) u_l + [g > 0] a          (usage, for LRU: only events that write move it)
 
 Level l steps only on events e with e % write_every[l] == 0; levels go bottom-up, so level l
 consolidates what level l-1 holds after this event's write. Everything is fp32; storage
@@ -69,6 +70,11 @@ def address(keys: np.ndarray, usage: np.ndarray, k: np.ndarray, cfg: CMSConfig) 
     return cfg.hybrid_mix * content + (1.0 - cfg.hybrid_mix) * lru
 
 
+def sparse_gate(g: float, threshold: float) -> float:
+    """The note's sparse write (section 9.2) made continuous: gates below the threshold write nothing."""
+    return max(g - threshold, 0.0) / (1.0 - threshold) if threshold > 0 else g
+
+
 def apply_write(lv: Level, a: np.ndarray, g: float, v: np.ndarray, k: np.ndarray, d: float,
                 delta_rule: bool) -> Level:
     """The jump map proper: decay, gated write at address a. Returns a new Level."""
@@ -80,7 +86,7 @@ def apply_write(lv: Level, a: np.ndarray, g: float, v: np.ndarray, k: np.ndarray
         k = k - a @ keys
     mem = mem + np.float32(g) * np.outer(a, v)
     keys = keys + np.float32(g) * np.outer(a, k)
-    usage = keep * lv.usage + a
+    usage = keep * lv.usage + (a if g > 0 else 0.0)
     return Level(mem.astype(np.float32), keys.astype(np.float32), usage.astype(np.float32))
 
 
@@ -102,7 +108,7 @@ def event_step(levels: list[Level], s: np.ndarray, event: int, w: dict[str, np.n
 
         x = s if lvl == 0 else np.concatenate([s, read(out[lvl - 1].mem, out[lvl - 1].keys, q_w)])
         z = np.tanh(p("z.weight") @ x + p("z.bias"))  # (d_z,)
-        g = float(sigmoid(p("gate.weight") @ z + p("gate.bias"))[0])
+        g = sparse_gate(float(sigmoid(p("gate.weight") @ z + p("gate.bias"))[0]), cfg.write_threshold)
         v = p("value.weight") @ z  # (d_l,)
         k = p("key.weight") @ z  # (d_k,)
         if cfg.adaptive_decay:

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cortex_edge import contract
 from cortex_edge.config import CMSConfig
 from cortex_edge.runtime import cms
 from tests.conftest import requires_torch
@@ -15,7 +16,7 @@ from tests.conftest import requires_torch
 GRID = [
     dict(addressing=a, delta_rule=d, adaptive_decay=ad)
     for a in ("content", "lru", "hybrid") for d in (False, True) for ad in (False, True)
-]
+] + [dict(addressing=a, delta_rule=d, adaptive_decay=True, write_threshold=0.5) for a in ("lru", "hybrid") for d in (False, True)]
 
 
 def small_cfg(**kw) -> CMSConfig:
@@ -42,6 +43,7 @@ def test_reference_and_runtime_jump_map_agree(kw):
     mems, keys, usage = empty_state(cfg)
     levels = cms.empty_levels(cfg)
     rng = np.random.default_rng(1)
+    gates = []
     for event in range(1, 41):
         s = rng.standard_normal(cfg.event_dim).astype(np.float32)
         with torch.no_grad():
@@ -55,7 +57,29 @@ def test_reference_and_runtime_jump_map_agree(kw):
                 assert np.isnan(ninfo["gate"][lvl])
             else:
                 assert ninfo["gate"][lvl] == pytest.approx(float(tinfo["gate"][lvl]), abs=1e-5)
+                gates.append(ninfo["gate"][lvl])
     assert any(np.abs(lv.mem).sum() > 0 for lv in levels)  # the memory was actually written
+    if cfg.write_threshold:  # both branches of the sparse write were taken
+        assert 0 < sum(g == 0.0 for g in gates) < len(gates)
+
+
+def test_sparse_write_below_threshold_only_decays():
+    """Gate under write_threshold: memory and keys decay, nothing is written, and the LRU pointer stays."""
+    cfg = small_cfg(addressing="lru", adaptive_decay=False, write_threshold=0.99)
+    rng = np.random.default_rng(3)
+    w = cms.random_write_weights(cfg, seed=0)
+    for lvl in range(cfg.levels):
+        w[contract.write_param(lvl, "gate.bias")][:] = -20.0  # sigmoid ~ 2e-9 << 0.99
+    levels = [cms.Level(rng.standard_normal((n, d)).astype(np.float32), rng.standard_normal((n, cfg.key_dim)).astype(np.float32),
+                        rng.random(n).astype(np.float32)) for n, d in zip(cfg.slots, cfg.widths)]
+    out, info = cms.event_step(levels, rng.standard_normal(cfg.event_dim).astype(np.float32), 6, w, cfg)
+    for lvl, (a, b) in enumerate(zip(levels, out)):
+        keep = np.float32(1 - cfg.decay[lvl])
+        np.testing.assert_allclose(b.mem, keep * a.mem, rtol=1e-6)
+        np.testing.assert_allclose(b.keys, keep * a.keys, rtol=1e-6)
+        np.testing.assert_allclose(b.usage, keep * a.usage, rtol=1e-6)
+        assert info["gate"][lvl] == 0.0
+    assert cms.sparse_gate(0.75, 0.5) == pytest.approx(0.5) and cms.sparse_gate(0.3, 0.0) == 0.3
 
 
 @requires_torch

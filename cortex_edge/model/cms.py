@@ -136,6 +136,8 @@ class CMSWriter(nn.Module):
             x = s if lvl == 0 else torch.cat([s, self.read(mems[lvl - 1], keys[lvl - 1], q_w)], dim=-1)
             z = torch.tanh(head.z(x))  # (B, d_z)
             g = torch.sigmoid(head.gate(z))  # (B, 1)
+            if cfg.write_threshold > 0:  # sparse write: below the threshold nothing is written
+                g = torch.relu(g - cfg.write_threshold) / (1.0 - cfg.write_threshold)
             v = head.value(z)  # (B, d_l)
             k = head.key(z)  # (B, d_k)
             d = self.decay(head, z, g, lvl)  # (B, 1)
@@ -148,7 +150,7 @@ class CMSWriter(nn.Module):
                 k = k - torch.einsum("bn,bnk->bk", a, kk)
             mems[lvl] = m + g.unsqueeze(-1) * torch.einsum("bn,bd->bnd", a, v)
             keys[lvl] = kk + g.unsqueeze(-1) * torch.einsum("bn,bk->bnk", a, k)
-            usage[lvl] = (1.0 - d) * usage[lvl] + a
+            usage[lvl] = (1.0 - d) * usage[lvl] + (g > 0).to(a.dtype) * a  # only writes move the LRU pointer
             info["gate"].append(g)
             info["decay"].append(d)
         return mems, keys, usage, info

@@ -345,10 +345,13 @@ def train(tc: TrainConfig, cfg: ModelConfig | None = None, out: Path | None = No
     torch.manual_seed(tc.seed)
     rng = np.random.default_rng(tc.seed)
     corpus = lm_corpus("train")
-    if tc.init:
-        model = load_checkpoint(Path(tc.init))[0].train()
-        if model.cfg != cfg:
-            raise ValueError(f"{tc.init} holds a different model configuration")
+    if tc.init:  # same weights, the given config (which may change how the memory is stepped, not its shapes)
+        model = CortexLM(cfg)
+        try:
+            model.load_state_dict(load_checkpoint(Path(tc.init))[0].state_dict())
+        except RuntimeError:
+            raise ValueError(f"{tc.init} holds weights of a different shape than the configuration") from None
+        model.train()
     else:
         model = new_model(cfg, tc.recipe, tc.seed, tc.gate_init, tc.read_gate_init)
     probe = nn.Linear(cfg.dim, 50) if tc.probe_weight > 0 else None
