@@ -224,12 +224,24 @@ def chat(bundle, session, no_session, prompt, max_new_tokens, temperature, top_k
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="write the report here")
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False), default=None,
               help="PNG of latency and RSS against history (needs matplotlib)")
-def bench(bundle, context, new_tokens, threads, json_out, plot_out):
+@click.option("--profile", is_flag=True, help="instead: where each decode step's milliseconds go (onnxruntime "
+              "by operator, Python, jump map, sampling)")
+def bench(bundle, context, new_tokens, threads, json_out, plot_out, profile):
     """Measure BUNDLE on this device: TTFT, prefill, decode latency, RSS, state size vs caches."""
     from cortex_edge.runtime import bench as b
 
     contexts = _contexts(context)
     engine = _engine(bundle, threads)
+    if profile:
+        from cortex_edge.runtime import profile as prof
+
+        rep = prof.run(engine.bundle, engine.threads, contexts, new_tokens)
+        for line in prof.render(rep):
+            click.echo(line)
+        if json_out:
+            Path(json_out).write_text(json.dumps(rep, indent=1))
+            click.echo(f"wrote {json_out}")
+        return
     rep = b.run(engine, contexts, new_tokens, show_progress=sys.stderr.isatty())
     click.echo(f"{engine.bundle.path}  weights={rep['weights']} state={rep['state']} threads={rep['threads']}  "
                f"cpu={rep['cpu']['model']}")

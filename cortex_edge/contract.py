@@ -10,23 +10,22 @@ Graph signature:
 
   input_ids          (1, T)            int64    new tokens
   q_pos              (T,)              int64    RoPE position of each new token (bounded, see runtime/ring.py)
-  win_pos            (W,)              int64    RoPE position of each window slot
-  sink_pos           (T, S)            int64    RoPE position of each sink, seen from each new token
+  sink_q_pos         (T,)              int64    position each new token's query takes against the sinks
   attn_mask          (T, S + W + T)    float32  additive mask over [sinks | window | new tokens]
-  past_key.{i}       (1, KV, S + W, hd) float32 un-rotated keys of layer i: [sinks | window ring]
+  past_key.{i}       (1, KV, S + W, hd) float32 keys of layer i, already rotated: [sinks | window ring]
   past_value.{i}     (1, KV, S + W, hd) float32
   mem.{l}            (N_l, d_l)        float32  CMS level l memory (dequantized stored state)
   mem_key.{l}        (N_l, d_k)        float32  CMS level l keys
 ->
   logits             (1, T, V)         float32
-  new_key.{i}        (1, KV, T, hd)    float32  un-rotated keys of the new tokens (the runtime writes the ring)
+  new_key.{i}        (1, KV, T, hd)    float32  keys of the new tokens rotated at q_pos (the runtime writes the ring)
   new_value.{i}      (1, KV, T, hd)    float32
   write_feat         (1, T, d_z)       float32  compressed hidden state per token (the jump map's input)
 """
 
 from __future__ import annotations
 
-CONTRACT_VERSION = 1
+CONTRACT_VERSION = 2  # 2: keys cached rotated (no win_pos), sink_q_pos
 BUNDLE_FORMAT = "cortex-edge-bundle"
 
 # ---- files inside a bundle
@@ -38,8 +37,7 @@ CMS_WRITE_WEIGHTS = "cms_write.safetensors"
 # ---- graph inputs
 INPUT_IDS = "input_ids"
 Q_POS = "q_pos"
-WIN_POS = "win_pos"
-SINK_POS = "sink_pos"
+SINK_Q_POS = "sink_q_pos"
 ATTN_MASK = "attn_mask"
 
 
@@ -73,7 +71,7 @@ def new_value(i: int) -> str:
 
 
 def input_names(n_layers: int, n_levels: int) -> list[str]:
-    names = [INPUT_IDS, Q_POS, WIN_POS, SINK_POS, ATTN_MASK]
+    names = [INPUT_IDS, Q_POS, SINK_Q_POS, ATTN_MASK]
     for i in range(n_layers):
         names += [past_key(i), past_value(i)]
     for level in range(n_levels):
@@ -108,7 +106,7 @@ DEFAULT_STATE = "int8"
 
 # ---- sessions (durable chat state)
 SESSION_MAGIC = "cortex-edge-session"
-SESSION_VERSION = 1
+SESSION_VERSION = 2  # 2: ring keys stored rotated in the frame of runtime/ring.py
 SESSION_SUFFIX = ".cxs"
 
 # ---- validation tolerances (export vs torch), named as optimum's ATOL_FOR_VALIDATION

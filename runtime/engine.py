@@ -9,7 +9,7 @@ NumPy + onnxruntime only. One token's path:
    every C tokens: s = acc / C ─► jump map (cms.py) on decode(stored) ─► encode ─► stored ─► fresh fp32 views
 
 State (all of it fixed-size, whatever the history length):
-   kv      per layer: keys, values (1, KV, S + W, hd) fp32     the attention ring with sinks
+   kv      per layer: keys, values (1, KV, S + W, hd) fp32     the attention ring with sinks (keys rotated, ring.py)
    cms     per level: memory (N_l, d_l), keys (N_l, d_k) in the bundle's state format; usage (N_l,) fp32
    acc     (d_z,) fp32   sum of write_feat over the current chunk
    n, events             tokens seen, memory events done
@@ -84,8 +84,7 @@ class Engine:
     def _check_graph_shapes(self) -> None:
         """The graphs must take exactly the contract's inputs, with the config's fixed sizes."""
         c = self.cfg
-        want = {contract.past_key(0): [1, c.n_kv_heads, c.sinks + c.window, c.head_dim],
-                contract.WIN_POS: [c.window]}
+        want = {contract.past_key(0): [1, c.n_kv_heads, c.sinks + c.window, c.head_dim]}
         for lvl, (n, d) in enumerate(zip(c.cms.slots, c.cms.widths)):
             want[contract.mem(lvl)] = [n, d]
             want[contract.mem_key(lvl)] = [n, c.cms.key_dim]
@@ -131,7 +130,7 @@ class Engine:
         T = int(ids.shape[0])
         plan = ring.plan_step(st.n, T, c.sinks, c.window)
         feed = {contract.INPUT_IDS: ids.reshape(1, T).astype(np.int64), contract.Q_POS: plan.q_pos,
-                contract.WIN_POS: plan.win_pos, contract.SINK_POS: plan.sink_pos, contract.ATTN_MASK: plan.attn_mask}
+                contract.SINK_Q_POS: plan.sink_q_pos, contract.ATTN_MASK: plan.attn_mask}
         for i in range(c.n_layers):
             feed[contract.past_key(i)] = st.keys[i]
             feed[contract.past_value(i)] = st.values[i]
@@ -143,6 +142,10 @@ class Engine:
         for i in range(c.n_layers):
             st.keys[i][:, :, plan.slots, :] = outs[1 + 2 * i]
             st.values[i][:, :, plan.slots, :] = outs[2 + 2 * i]
+        shift = ring.frame_shift(st.n, st.n + T, c.sinks, c.window)
+        if shift:  # the ring's rotary frame moved (once per W tokens): rotate its keys back by as much
+            for k in st.keys:
+                k[:, :, c.sinks:] = ring.rotate(k[:, :, c.sinks:], -shift, c.rope_theta)
         feat = outs[-1][0]  # (T, d_z)
         for t in range(T):  # token by token: the same summation order whatever the piece size
             st.acc += feat[t]

@@ -137,9 +137,9 @@ def test_positions_stay_bounded():
     for n_past in list(range(0, 300, 7)) + [10**6, 10**9 + 3]:
         for t in (1, C):
             p = ring.plan_step(n_past, t, S, W)
-            worst = max(worst, int(p.q_pos.max()), int(p.win_pos.max()), int(p.sink_pos.max()))
-            assert p.q_pos.min() >= 0 and p.win_pos.min() >= 0 and p.sink_pos.min() >= 0
-    assert worst <= S + W + C - 2
+            worst = max(worst, int(p.q_pos.max()), int(p.sink_q_pos.max()))
+            assert p.q_pos.min() >= 0 and p.sink_q_pos.min() >= 0
+    assert worst <= S + 2 * W + C - 3
 
 
 def test_split_pieces_never_cross_an_event():

@@ -44,31 +44,29 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, KV * hd, bias=cfg.attn_bias)
         self.o_proj = nn.Linear(H * hd, cfg.dim, bias=False)
 
-    def forward(self, x, q_rope, win_rope, sink_rope, mask, past_k, past_v):
+    def forward(self, x, q_rope, sink_rope, mask, past_k, past_v):
+        """past_k holds keys already rotated (ring: in the current frame; sinks: at their own position)."""
         cfg = self.cfg
         B, T, _ = x.shape
         H, KV, hd, S = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.sinks
         G = H // KV
-        q = self.q_proj(x).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, KV, hd).transpose(1, 2)  # (B, KV, T, hd) un-rotated: goes to the ring
+        q0 = self.q_proj(x).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, KV, hd).transpose(1, 2)  # (B, KV, T, hd)
         v = self.v_proj(x).view(B, T, KV, hd).transpose(1, 2)  # (B, KV, T, hd)
-        q = rotate(q, *q_rope)
-        k_new = rotate(k, *q_rope)  # (B, KV, T, hd)
-        k_win = rotate(past_k[:, :, S:], *win_rope)  # (B, KV, W, hd)
-        qg = q.reshape(B, KV, G * T, hd)  # head h = kv * G + g uses kv head h // G (HF repeat_kv)
-        s_win = torch.matmul(qg, k_win.transpose(-1, -2)).view(B, KV, G, T, -1)  # (B, KV, G, T, W)
-        s_new = torch.matmul(qg, k_new.transpose(-1, -2)).view(B, KV, G, T, T)  # (B, KV, G, T, T)
-        parts = [s_win, s_new]
-        if S:
-            cs, ss = sink_rope  # (T, S, hd)
-            k_sink = rotate(past_k[:, :, :S].unsqueeze(2), cs, ss)  # (B, KV, T, S, hd) per-query sink positions
-            q_t = q.view(B, KV, G, T, hd).transpose(2, 3)  # (B, KV, T, G, hd)
-            s_sink = torch.matmul(q_t, k_sink.transpose(-1, -2)).transpose(2, 3)  # (B, KV, G, T, S)
-            parts.insert(0, s_sink)
+        q = rotate(q0, *q_rope).reshape(B, KV, G * T, hd)  # head h = kv * G + g uses kv head h // G (HF repeat_kv)
+        k = rotate(k, *q_rope)  # (B, KV, T, hd) rotated: goes to the ring as it is
+        s_past = torch.matmul(q, past_k.transpose(-1, -2)).view(B, KV, G, T, -1)  # (B, KV, G, T, S+W)
+        s_new = torch.matmul(q, k.transpose(-1, -2)).view(B, KV, G, T, T)  # (B, KV, G, T, T)
+        if S:  # the sinks, seen from each query's own sink position
+            qs = rotate(q0, *sink_rope).reshape(B, KV, G * T, hd)
+            s_sink = torch.matmul(qs, past_k[:, :, :S].transpose(-1, -2)).view(B, KV, G, T, S)
+            parts = [s_sink, s_past[..., S:], s_new]
+        else:
+            parts = [s_past, s_new]
         scores = torch.cat(parts, dim=-1) / math.sqrt(hd) + mask  # (B, KV, G, T, S+W+T)
-        p = torch.softmax(scores, dim=-1)
-        v_all = torch.cat([past_v, v], dim=2)  # (B, KV, S+W+T, hd)
-        o = torch.matmul(p.reshape(B, KV, G * T, -1), v_all)  # (B, KV, G*T, hd)
+        p = torch.softmax(scores, dim=-1).reshape(B, KV, G * T, -1)
+        n = past_v.shape[2]  # S + W
+        o = torch.matmul(p[..., :n], past_v) + torch.matmul(p[..., n:], v)  # (B, KV, G*T, hd), no K/V concat
         o = o.view(B, H, T, hd).transpose(1, 2).reshape(B, T, H * hd)
         return self.o_proj(o), k, v
 
@@ -92,8 +90,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, q_rope, win_rope, sink_rope, mask, past_k, past_v):
-        a, k, v = self.self_attn(self.input_layernorm(x), q_rope, win_rope, sink_rope, mask, past_k, past_v)
+    def forward(self, x, q_rope, sink_rope, mask, past_k, past_v):
+        a, k, v = self.self_attn(self.input_layernorm(x), q_rope, sink_rope, mask, past_k, past_v)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), k, v
 
@@ -138,18 +136,18 @@ class CortexLM(nn.Module):
                 p.copy_(torch.randn(p.shape, generator=g) * s)
         return self
 
-    def step(self, input_ids, q_pos, win_pos, sink_pos, attn_mask, past_keys, past_values, mems, mem_keys,
+    def step(self, input_ids, q_pos, sink_q_pos, attn_mask, past_keys, past_values, mems, mem_keys,
              return_stats: bool = False):
-        """The graph. input_ids (B, T); past_*[i] (B, KV, S+W, hd); mems[l] (B, N_l, d_l); mem_keys[l] (B, N_l, d_k).
-        Returns logits (B, T, V), new keys / values lists (B, KV, T, hd), write_feat (B, T, d_z)."""
+        """The graph. input_ids (B, T); q_pos, sink_q_pos (T,); past_*[i] (B, KV, S+W, hd) with keys rotated
+        (runtime/ring.py); mems[l] (B, N_l, d_l); mem_keys[l] (B, N_l, d_k).
+        Returns logits (B, T, V), new keys (rotated at q_pos) / values lists (B, KV, T, hd), write_feat (B, T, d_z)."""
         cfg = self.cfg
         q_rope = rope_cos_sin(q_pos, cfg.head_dim, cfg.rope_theta)  # (T, hd)
-        win_rope = rope_cos_sin(win_pos, cfg.head_dim, cfg.rope_theta)  # (W, hd)
-        sink_rope = rope_cos_sin(sink_pos, cfg.head_dim, cfg.rope_theta)  # (T, S, hd)
+        sink_rope = rope_cos_sin(sink_q_pos, cfg.head_dim, cfg.rope_theta)  # (T, hd)
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         new_k, new_v, feat, stats = [], [], None, None
         for i, layer in enumerate(self.model.layers):
-            x, k, v = layer(x, q_rope, win_rope, sink_rope, attn_mask, past_keys[i], past_values[i])
+            x, k, v = layer(x, q_rope, sink_rope, attn_mask, past_keys[i], past_values[i])
             new_k.append(k)
             new_v.append(v)
             if i == cfg.memory_layer:
@@ -187,8 +185,8 @@ class TorchStream:
         cfg = self.cfg
         T = ids.shape[1]
         plan = ring.plan_step(self.n, T, cfg.sinks, cfg.window)
-        t = {k: torch.from_numpy(getattr(plan, k)) for k in ("q_pos", "win_pos", "sink_pos", "attn_mask")}
-        out = self.model.step(ids, t["q_pos"], t["win_pos"], t["sink_pos"], t["attn_mask"],
+        t = {k: torch.from_numpy(getattr(plan, k)) for k in ("q_pos", "sink_q_pos", "attn_mask")}
+        out = self.model.step(ids, t["q_pos"], t["sink_q_pos"], t["attn_mask"],
                               self.keys, self.values, self.mems, self.mem_keys, return_stats=self.read_log is not None)
         logits, nk, nv, feat = out[:4]
         if self.read_log is not None:
@@ -197,6 +195,11 @@ class TorchStream:
         # later tokens overwrite earlier ones in the same slot only if T > W, which plan_step forbids
         self.keys = [k.index_copy(2, slots, n) for k, n in zip(self.keys, nk)]
         self.values = [v.index_copy(2, slots, n) for v, n in zip(self.values, nv)]
+        shift = ring.frame_shift(self.n, self.n + T, cfg.sinks, cfg.window)
+        if shift:  # the ring's rotary frame moved: rotate its keys back by as much (sinks stay)
+            cos, sin = rope_cos_sin(torch.tensor(-shift), cfg.head_dim, cfg.rope_theta)
+            self.keys = [torch.cat([k[:, :, :cfg.sinks], rotate(k[:, :, cfg.sinks:], cos, sin)], dim=2)
+                         for k in self.keys]
         for i in range(T):  # token by token, the same summation order as the runtime
             self.acc = self.acc + feat[:, i]
         self.n += T
