@@ -12,12 +12,14 @@ Graph signature:
   q_pos              (T,)              int64    RoPE position of each new token (bounded, see runtime/ring.py)
   sink_q_pos         (T,)              int64    position each new token's query takes against the sinks
   attn_mask          (T, S + W + T)    float32  additive mask over [sinks | window | new tokens]
+  logits_from        ()                int64    first new token whose logits are computed: 0 all, T-1 the
+                                                last only (a prompt's chunks skip the lm_head for the rest)
   past_key.{i}       (1, KV, S + W, hd) float32 keys of layer i, already rotated: [sinks | window ring]
   past_value.{i}     (1, KV, S + W, hd) float32
   mem.{l}            (N_l, d_l)        float32  CMS level l memory (dequantized stored state)
   mem_key.{l}        (N_l, d_k)        float32  CMS level l keys
 ->
-  logits             (1, T, V)         float32
+  logits             (1, T - logits_from, V) float32
   new_key.{i}        (1, KV, T, hd)    float32  keys of the new tokens rotated at q_pos (the runtime writes the ring)
   new_value.{i}      (1, KV, T, hd)    float32
   write_feat         (1, T, d_z)       float32  compressed hidden state per token (the jump map's input)
@@ -25,7 +27,7 @@ Graph signature:
 
 from __future__ import annotations
 
-CONTRACT_VERSION = 2  # 2: keys cached rotated (no win_pos), sink_q_pos
+CONTRACT_VERSION = 2  # 2: keys cached rotated (no win_pos), sink_q_pos, logits_from
 BUNDLE_FORMAT = "cortex-edge-bundle"
 
 # ---- files inside a bundle
@@ -39,6 +41,7 @@ INPUT_IDS = "input_ids"
 Q_POS = "q_pos"
 SINK_Q_POS = "sink_q_pos"
 ATTN_MASK = "attn_mask"
+LOGITS_FROM = "logits_from"
 
 
 def past_key(i: int) -> str:
@@ -71,7 +74,7 @@ def new_value(i: int) -> str:
 
 
 def input_names(n_layers: int, n_levels: int) -> list[str]:
-    names = [INPUT_IDS, Q_POS, SINK_Q_POS, ATTN_MASK]
+    names = [INPUT_IDS, Q_POS, SINK_Q_POS, ATTN_MASK, LOGITS_FROM]
     for i in range(n_layers):
         names += [past_key(i), past_value(i)]
     for level in range(n_levels):

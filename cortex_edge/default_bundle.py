@@ -34,7 +34,8 @@ def torch_available() -> bool:
 def default_bundle() -> Path:
     from cortex_edge.runtime.errors import CortexError
 
-    name = f"{DEFAULT_SOURCE.replace(':', '-')}-{contract.DEFAULT_WEIGHTS}-{contract.DEFAULT_STATE}"
+    name = f"{DEFAULT_SOURCE.replace(':', '-')}-{contract.DEFAULT_WEIGHTS}-{contract.DEFAULT_STATE}-v{contract.CONTRACT_VERSION}"
+    # a new contract version exports afresh instead of finding an old bundle this runtime refuses
     path = cache_dir() / name
     if (path / contract.MANIFEST).is_file():
         return path

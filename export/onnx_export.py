@@ -34,26 +34,28 @@ class GraphModule(nn.Module):
             m.lm_head.weight = nn.Parameter(m.model.embed_tokens.weight.detach().clone())
         self.m = m
 
-    def forward(self, input_ids, q_pos, sink_q_pos, attn_mask, *state):
+    def forward(self, input_ids, q_pos, sink_q_pos, attn_mask, logits_from, *state):
         cfg = self.m.cfg
         L, lv = cfg.n_layers, cfg.cms.levels
         pk, pv = list(state[0:2 * L:2]), list(state[1:2 * L:2])
         mems = [t.unsqueeze(0) for t in state[2 * L::2]]  # (1, N_l, d_l)
         keys = [t.unsqueeze(0) for t in state[2 * L + 1::2]]
         assert len(mems) == lv
-        logits, nk, nv, feat = self.m.step(input_ids, q_pos, sink_q_pos, attn_mask, pk, pv, mems, keys)
+        logits, nk, nv, feat = self.m.step(input_ids, q_pos, sink_q_pos, attn_mask, pk, pv, mems, keys,
+                                              logits_from=logits_from)
         out = [logits]
         for k, v in zip(nk, nv):
             out += [k, v]
         return tuple(out + [feat])
 
 
-def example_inputs(cfg, t: int, n_past: int, seed: int = 0) -> dict[str, np.ndarray]:
+def example_inputs(cfg, t: int, n_past: int, seed: int = 0, logits_from: int = 0) -> dict[str, np.ndarray]:
     """Random but valid graph inputs (state values random, bookkeeping from ring.plan_step)."""
     rng = np.random.default_rng(seed)
     plan = ring.plan_step(n_past, t, cfg.sinks, cfg.window)
     feed = {contract.INPUT_IDS: rng.integers(0, cfg.vocab_size, (1, t)).astype(np.int64),
-            contract.Q_POS: plan.q_pos, contract.SINK_Q_POS: plan.sink_q_pos, contract.ATTN_MASK: plan.attn_mask}
+            contract.Q_POS: plan.q_pos, contract.SINK_Q_POS: plan.sink_q_pos, contract.ATTN_MASK: plan.attn_mask,
+            contract.LOGITS_FROM: np.array(logits_from, np.int64)}
     shape = (1, cfg.n_kv_heads, cfg.sinks + cfg.window, cfg.head_dim)
     for i in range(cfg.n_layers):
         feed[contract.past_key(i)] = rng.standard_normal(shape).astype(np.float32)
@@ -76,11 +78,11 @@ def export_graph(model: CortexLM, path: Path) -> None:
     cfg = model.cfg
     module = GraphModule(model)
     t = 2  # >= 2, or the exporter freezes the size into the graph
-    feed = example_inputs(cfg, t, n_past=cfg.sinks + cfg.window + 3)
+    feed = example_inputs(cfg, t, n_past=cfg.sinks + cfg.window + 3, logits_from=1)
     in_names = contract.input_names(cfg.n_layers, cfg.cms.levels)
     out_names = contract.output_names(cfg.n_layers)
     dyn = {contract.INPUT_IDS: {1: "T"}, contract.Q_POS: {0: "T"}, contract.SINK_Q_POS: {0: "T"},
-           contract.ATTN_MASK: {0: "T", 1: "SWT"}, contract.LOGITS: {1: "T"}, contract.WRITE_FEAT: {1: "T"}}
+           contract.ATTN_MASK: {0: "T", 1: "SWT"}, contract.LOGITS: {1: "T_out"}, contract.WRITE_FEAT: {1: "T"}}
     for i in range(cfg.n_layers):
         dyn[contract.new_key(i)] = {2: "T"}
         dyn[contract.new_value(i)] = {2: "T"}

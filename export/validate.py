@@ -38,7 +38,7 @@ def validate_graphs(model: CortexLM, path: Path) -> dict:
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for t in sorted({1, min(3, cfg.cms.chunk), cfg.cms.chunk}):
         for n_past in (0, cfg.sinks + cfg.window + 7):
-            feed = example_inputs(cfg, t, n_past, seed=t * 1000 + n_past)
+            feed = example_inputs(cfg, t, n_past, seed=t * 1000 + n_past, logits_from=t - 1 if n_past else 0)
             got = sess.run(names, feed)
             ref = run_torch(module, feed)
             for name, g, r in zip(names, got, ref):
@@ -47,7 +47,8 @@ def validate_graphs(model: CortexLM, path: Path) -> dict:
                 report["max_abs_diff"][name] = max(report["max_abs_diff"].get(name, 0.0), d)
                 report["max_rel_diff"][name] = max(report["max_rel_diff"].get(name, 0.0), rel)
                 worst = max(worst, rel)
-            report["cases"].append({"graph": path.name, "T": t, "n_past": n_past})
+            report["cases"].append({"graph": path.name, "T": t, "n_past": n_past,
+                                    "logits_from": int(feed[contract.LOGITS_FROM])})
     report["worst"] = worst
     report["passed"] = worst <= contract.RTOL_VALIDATION
     return report

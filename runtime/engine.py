@@ -123,14 +123,15 @@ class Engine:
         return [state_codec.nbytes(s.mem) + state_codec.nbytes(s.keys) + s.usage.nbytes for s in st.levels]
 
     # ------------------------------------------------------------------ stepping
-    def _piece(self, st: State, ids: np.ndarray, memory: bool = True) -> np.ndarray:
-        """ids (T,) within one chunk -> logits (T, V); updates st. memory=False: sidecar off (reads see
-        an empty memory, no writes), for ablations."""
+    def _piece(self, st: State, ids: np.ndarray, memory: bool = True, all_logits: bool = True) -> np.ndarray:
+        """ids (T,) within one chunk -> logits (T, V), or (1, V) of the last token; updates st.
+        memory=False: sidecar off (reads see an empty memory, no writes), for ablations."""
         c = self.cfg
         T = int(ids.shape[0])
         plan = ring.plan_step(st.n, T, c.sinks, c.window)
         feed = {contract.INPUT_IDS: ids.reshape(1, T).astype(np.int64), contract.Q_POS: plan.q_pos,
-                contract.SINK_Q_POS: plan.sink_q_pos, contract.ATTN_MASK: plan.attn_mask}
+                contract.SINK_Q_POS: plan.sink_q_pos, contract.ATTN_MASK: plan.attn_mask,
+                contract.LOGITS_FROM: np.array(0 if all_logits else T - 1, np.int64)}
         for i in range(c.n_layers):
             feed[contract.past_key(i)] = st.keys[i]
             feed[contract.past_value(i)] = st.values[i]
@@ -187,7 +188,7 @@ class Engine:
             step = n if max_piece is None else max_piece
             for j in range(0, n, step):
                 p = min(step, n - j)
-                logits = self._piece(st, ids[pos:pos + p], memory)
+                logits = self._piece(st, ids[pos:pos + p], memory, all_logits)
                 pos += p
                 if all_logits:
                     out.append(logits)

@@ -34,9 +34,12 @@ def test_graphs_fresh_random_inputs(tiny, bundle_fp32):
     sess = ort.InferenceSession(str(bundle_fp32 / contract.GRAPH), providers=["CPUExecutionProvider"])
     for t in (1, cfg.cms.chunk, 5):
         for n_past in (0, 2, 51, 10**6):
-            feed = example_inputs(cfg, t, n_past, seed=n_past + 77)
-            for got, ref in zip(sess.run(contract.output_names(cfg.n_layers), feed), run_torch(module, feed)):
-                np.testing.assert_allclose(got, ref, atol=contract.ATOL_FP32_LOGITS, rtol=0)
+            for first in {0, t - 1}:  # logits of every new token, or of the last only
+                feed = example_inputs(cfg, t, n_past, seed=n_past + 77, logits_from=first)
+                outs = sess.run(contract.output_names(cfg.n_layers), feed)
+                assert outs[0].shape[1] == t - first
+                for got, ref in zip(outs, run_torch(module, feed)):
+                    np.testing.assert_allclose(got, ref, atol=contract.ATOL_FP32_LOGITS, rtol=0)
 
 
 def _stream(tiny, ids):

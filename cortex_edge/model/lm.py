@@ -137,9 +137,10 @@ class CortexLM(nn.Module):
         return self
 
     def step(self, input_ids, q_pos, sink_q_pos, attn_mask, past_keys, past_values, mems, mem_keys,
-             return_stats: bool = False):
+             return_stats: bool = False, logits_from: torch.Tensor | None = None):
         """The graph. input_ids (B, T); q_pos, sink_q_pos (T,); past_*[i] (B, KV, S+W, hd) with keys rotated
         (runtime/ring.py); mems[l] (B, N_l, d_l); mem_keys[l] (B, N_l, d_k).
+        logits_from: () int64, logits of tokens logits_from.. only (None: all).
         Returns logits (B, T, V), new keys (rotated at q_pos) / values lists (B, KV, T, hd), write_feat (B, T, d_z)."""
         cfg = self.cfg
         q_rope = rope_cos_sin(q_pos, cfg.head_dim, cfg.rope_theta)  # (T, hd)
@@ -155,6 +156,8 @@ class CortexLM(nn.Module):
                     x, feat, stats = self.cms_read(x, mems, mem_keys, return_stats=True)
                 else:
                     x, feat = self.cms_read(x, mems, mem_keys)
+        if logits_from is not None:
+            x = x[:, logits_from:]
         logits = self.lm_head(self.model.norm(x))
         if return_stats:
             return logits, new_k, new_v, feat, stats
