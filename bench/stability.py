@@ -11,6 +11,8 @@ the two recipes are described there). Reported per recipe:
                       the first descent are not oscillation); median and worst window. The same on the
                       loss of a fixed evaluation batch (every 10 steps, windows of 5 evaluations), which
                       has no batch-to-batch sampling noise. The whole-run figures are reported too.
+                      Detrended: the same on the fixed-batch loss divided by its running median over 9
+                      evaluations, so that a fast, steady descent (learning) does not count as a swing.
   gradient norms      per parameter group (backbone, memory) before clipping: median, 99th percentile, max
   long stage          the same on the fixed batch of the long stage (1,024-token haystacks), windows of 5
   loss spikes         steps whose loss exceeds 2x the median of the 50 steps before
@@ -41,6 +43,13 @@ def one(args):
     return recipe, hist
 
 
+def detrend(x: list[float], k: int = 9) -> list[float]:
+    """x / its running median over k points: a steady descent becomes ~1, a swing stays a swing."""
+    a = np.asarray(x, dtype=np.float64)
+    med = np.array([np.median(a[max(0, i - k // 2):i + k // 2 + 1]) for i in range(len(a))])
+    return list(a / np.maximum(med, 1e-12))
+
+
 def summarize(hist: list[dict]) -> dict:
     from cortex_edge.model.train import TrainConfig, oscillation
 
@@ -55,6 +64,7 @@ def summarize(hist: list[dict]) -> dict:
     gn = {g: np.array([h[f"grad_norm_{g}"] for h in hist]) for g in ("backbone", "memory")}
     last = next(h["eval"] for h in reversed(hist) if "eval" in h)
     return {"oscillation_train": oscillation(loss, skip=0.0), "oscillation_eval": oscillation(ev, window=5, skip=0.0),
+            "oscillation_eval_detrended": oscillation(detrend(ev), window=5, skip=0.0),
             "from_step": start + 1,
             "long_stage_eval": oscillation(long_ev, window=5, skip=0.0) if len(long_ev) >= 2 else None,
             "long_stage_eval_range": [min(long_ev), max(long_ev)] if long_ev else None,
@@ -95,6 +105,7 @@ def report(res: dict) -> None:
         o, oe = s["oscillation_train"], s["oscillation_eval"]
         print(f"{r:>7}: oscillation from step {s['from_step']} (train, 50-step windows) median {o['median']:.2f}x "
               f"worst {o['worst']:.2f}x; (fixed batch) median {oe['median']:.2f}x worst {oe['worst']:.2f}x; "
+              f"(detrended) worst {s['oscillation_eval_detrended']['worst']:.2f}x; "
               f"long stage (fixed batch) worst {s['long_stage_eval']['worst'] if s['long_stage_eval'] else float('nan'):.2f}x; "
               f"spikes {s['loss_spikes']}; grad norm memory p99 {s['grad_norm']['memory']['p99']:.3f} "
               f"backbone p99 {s['grad_norm']['backbone']['p99']:.3f}; final exact {s['final_eval']['answer_exact']:.3f} "
