@@ -7,6 +7,7 @@ non-zero exit (2 for usage and input errors, 130 for Ctrl-C), never a traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -74,11 +75,13 @@ def export(model, out, weights, state, force):
 @click.option("--recipe", type=click.Choice(["stable", "naive"]), default="stable", show_default=True,
               help="stable: the recipe that ships; naive: CortexGPT's design, for the stability experiment")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="optimizer steps (default: the recipe's)")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=None, help="[default: 0; --polish: 1]")
+@click.option("--polish", "polish", type=click.Path(dir_okay=False), default=None,
+              help="instead: polish this checkpoint (the last stage builtin:recall got: 300 steps, lower rate)")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads (default: all cores)")
 @click.option("--log", "log_out", type=click.Path(dir_okay=False), default=None,
               help="write every step's metrics here (JSON lines)")
-def train(out, recipe, steps, seed, threads, log_out):
+def train(out, recipe, steps, seed, polish, threads, log_out):
     """Train builtin:recall's model from a seed: pass-key recall through the CMS + language modelling."""
     from cortex_edge.default_bundle import torch_available
 
@@ -92,7 +95,14 @@ def train(out, recipe, steps, seed, threads, log_out):
 
     if threads:
         tr.set_threads(threads)
-    tc = tr.TrainConfig(recipe=recipe, seed=seed, **({"steps": steps} if steps else {}))
+    if polish:
+        if not Path(polish).is_file():
+            raise click.BadParameter(f"--polish {polish!r}: no such checkpoint")
+        tc = tr.polish_config(polish, 1 if seed is None else seed)
+        if steps:
+            tc = dataclasses.replace(tc, steps=steps)
+    else:
+        tc = tr.TrainConfig(recipe=recipe, seed=seed or 0, **({"steps": steps} if steps else {}))
     log = open(log_out, "w") if log_out else None
     with tqdm(total=tc.steps + tc.long_steps, unit="step", disable=not sys.stderr.isatty()) as bar:
         def progress(r):
@@ -281,8 +291,10 @@ def eval_():
               help="sidecar on, off (ablation), or both")
 @click.option("--state", "states", default=None,
               help="CMS state formats to compare, e.g. fp32,fp16,int8 (default: the bundle's)")
+@click.option("--first", type=click.IntRange(min=0), default=0, show_default=True,
+              help="index of the first held-out sample (a second, fresh set: --first 100)")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
-def niah(bundle, lengths, samples, threads, memory, states, json_out):
+def niah(bundle, lengths, samples, threads, memory, states, first, json_out):
     """Pass-key retrieval accuracy per haystack length, on held-out seeds, greedy, through the runtime."""
     from tqdm import tqdm
 
@@ -299,7 +311,7 @@ def niah(bundle, lengths, samples, threads, memory, states, json_out):
     engine = _engine(bundle, threads)
     runs = len(fmts or [0]) * (True in modes) + (False in modes)
     with tqdm(total=len(lens) * runs * samples, unit="sample", disable=not sys.stderr.isatty()) as bar:
-        rep = nh.run(engine, lens, samples, modes, progress=bar.update, state_formats=fmts)
+        rep = nh.run(engine, lens, samples, modes, progress=bar.update, state_formats=fmts, first=first)
     click.echo(f"{engine.bundle.path}: weights {rep['weights']}, state {rep['state']}, window {rep['window']} "
                f"+ {rep['sinks']} sinks; chance {nh.CHANCE:.1e}")
     click.echo(f"{'length':>8} {'sidecar':>8} {'state':>6} {'accuracy':>9} {'95% CI':>15} {'beyond window':>14}")

@@ -32,6 +32,9 @@ class GraphModule(nn.Module):
         m = copy.deepcopy(model).eval()
         if m.cfg.tie_embeddings:  # quantizers cannot handle a shared Gather/MatMul initializer well
             m.lm_head.weight = nn.Parameter(m.model.embed_tokens.weight.detach().clone())
+        for layer in m.model.layers:  # q/k/v and gate/up as one matmul each
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
         self.m = m
 
     def forward(self, input_ids, q_pos, sink_q_pos, attn_mask, logits_from, *state):

@@ -64,9 +64,9 @@ def answer(engine: Engine, ids: list[int], decode, max_new: int = 8, memory: boo
 
 
 def run(engine: Engine, lengths: list[int], samples: int, memory_modes=(True, False), progress=None,
-        state_formats: list[str] | None = None) -> dict:
-    """Accuracy per (length, state format, sidecar on/off). The sidecar-off ablation never touches the
-    memory, so it runs once per length whatever the state formats."""
+        state_formats: list[str] | None = None, first: int = 0) -> dict:
+    """Accuracy per (length, state format, sidecar on/off) over held-out samples first .. first+samples-1.
+    The sidecar-off ablation never touches the memory, so it runs once per length whatever the state formats."""
     from cortex_edge.runtime.text import load_tokenizer
 
     tok = load_tokenizer(engine.bundle.file(engine.bundle.manifest["tokenizer"].get("file", "tokenizer.json")))
@@ -85,7 +85,7 @@ def run(engine: Engine, lengths: list[int], samples: int, memory_modes=(True, Fa
                         ([(formats[0], False)] if False in memory_modes else []):
             engine.state_format = fmt
             hits, t0, cases = 0, time.perf_counter(), []
-            for i in range(samples):
+            for i in range(first, first + samples):
                 ids, key, depth = make_sample(encode, length, HELD_OUT_SEED + length * 1000 + i)
                 text = answer(engine, ids, decode, memory=mem)
                 got = re.findall(r"\d{5}", text)
@@ -101,4 +101,5 @@ def run(engine: Engine, lengths: list[int], samples: int, memory_modes=(True, Fa
                          "seconds": time.perf_counter() - t0, "cases": cases})
     engine.state_format = own
     return {"bundle": str(engine.bundle.path), "weights": engine.bundle.weights, "state": engine.bundle.state_format,
-            "window": engine.cfg.window, "sinks": engine.cfg.sinks, "held_out_seed": HELD_OUT_SEED, "rows": rows}
+            "window": engine.cfg.window, "sinks": engine.cfg.sinks, "held_out_seed": HELD_OUT_SEED, "first": first,
+            "rows": rows}

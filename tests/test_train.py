@@ -75,6 +75,35 @@ def test_a_few_steps_of_each_recipe(tmp_path, recipe):
         assert meta["steps"] == 6 and model.cfg == tiny_config()
 
 
+def test_polish_starts_from_the_checkpoint_and_changes_it(tmp_path):
+    """The polish stage (train --polish): same weights to start with, then trained; a missing file is one line."""
+    import dataclasses
+
+    from click.testing import CliRunner
+
+    from cortex_edge.cli import cli
+    from cortex_edge.config import tiny_config
+    from cortex_edge.model import train as tr
+    from cortex_edge.model.lm import build
+
+    ck = tmp_path / "a.safetensors"
+    tr.save_checkpoint(build(tiny_config(), 3), ck, {"steps": 0})
+    tc = dataclasses.replace(tr.polish_config(str(ck)), steps=2, batch=2, stages=((1.0, (160,), 1.0, 1.0),),
+                             eval_every=1, warmup=1)
+    model, hist = tr.train(tc, cfg=tiny_config())
+    before = tr.load_checkpoint(ck)[0].state_dict()
+    after = model.state_dict()
+    assert len(hist) == 2 and any(not torch_equal(before[k], after[k]) for k in before)
+    r = CliRunner().invoke(cli, ["train", "--out", str(tmp_path / "b.safetensors"), "--polish", str(tmp_path / "no.safetensors")])
+    assert r.exit_code != 0 and "no such checkpoint" in r.output
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
 def test_naive_writer_has_no_decay_and_hard_top_k():
     import torch
 

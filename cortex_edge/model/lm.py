@@ -43,6 +43,18 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, KV * hd, bias=cfg.attn_bias)
         self.v_proj = nn.Linear(cfg.dim, KV * hd, bias=cfg.attn_bias)
         self.o_proj = nn.Linear(H * hd, cfg.dim, bias=False)
+        self.qkv_proj: nn.Linear | None = None  # fuse(): one matmul for q, k, v (the exported graph)
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """q, k, v projections as one Linear: one weight-read kernel instead of three (fewer small matmuls,
+        whose dispatch dominates at decode). Same maths."""
+        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        self.qkv_proj = nn.Linear(w.shape[1], w.shape[0], bias=self.cfg.attn_bias)
+        self.qkv_proj.weight.copy_(w)
+        if self.cfg.attn_bias:
+            self.qkv_proj.bias.copy_(torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]))
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x, q_rope, sink_rope, mask, past_k, past_v):
         """past_k holds keys already rotated (ring: in the current frame; sinks: at their own position)."""
@@ -50,9 +62,13 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, KV, hd, S = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.sinks
         G = H // KV
-        q0 = self.q_proj(x).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, KV, hd).transpose(1, 2)  # (B, KV, T, hd)
-        v = self.v_proj(x).view(B, T, KV, hd).transpose(1, 2)  # (B, KV, T, hd)
+        if self.qkv_proj is not None:
+            q0, k, v = self.qkv_proj(x).split([H * hd, KV * hd, KV * hd], dim=-1)
+        else:
+            q0, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q0 = q0.view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, KV, hd).transpose(1, 2)  # (B, KV, T, hd)
+        v = v.view(B, T, KV, hd).transpose(1, 2)  # (B, KV, T, hd)
         q = rotate(q0, *q_rope).reshape(B, KV, G * T, hd)  # head h = kv * G + g uses kv head h // G (HF repeat_kv)
         k = rotate(k, *q_rope)  # (B, KV, T, hd) rotated: goes to the ring as it is
         s_past = torch.matmul(q, past_k.transpose(-1, -2)).view(B, KV, G, T, -1)  # (B, KV, G, T, S+W)
@@ -77,8 +93,19 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.gate_up_proj: nn.Linear | None = None  # fuse(): one matmul for gate and up
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        w = torch.cat([self.gate_proj.weight, self.up_proj.weight])
+        self.gate_up_proj = nn.Linear(w.shape[1], w.shape[0], bias=False)
+        self.gate_up_proj.weight.copy_(w)
+        del self.gate_proj, self.up_proj
 
     def forward(self, x):
+        if self.gate_up_proj is not None:
+            g, u = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(g) * u)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

@@ -110,6 +110,15 @@ class TrainConfig:
         return max(1, min(self.batch, self.batch * self.long_batch_from // length))
 
 
+def polish_config(init: str, seed: int = 1) -> TrainConfig:
+    """The polish the shipped builtin:recall got after `cortex-edge train`: from that checkpoint, 300 steps at
+    a tenth of the curriculum's learning rate on 320-1,024-token haystacks (mostly far needles), the sqrt
+    gate cost. Measured (int8 runtime, 100 held-out samples per length): the last-digit misses went from
+    8 in 500 to 2 in 500."""
+    return TrainConfig(init=init, seed=seed, steps=300, stages=((1.0, (320, 448, 1024), 0.9, 0.8),), lr=3e-4,
+                       memory_lr=3e-4, gate_l1=0.2, gate_cost="sqrt", l1_start=0.0, warmup=10, long_steps=0)
+
+
 def set_threads(n: int) -> None:
     torch.set_num_threads(n)
 
