@@ -241,7 +241,8 @@ def bench(bundle, context, new_tokens, threads, json_out, plot_out, profile):
     from cortex_edge.runtime import bench as b
 
     contexts = _contexts(context)
-    engine = _engine(bundle, threads)
+    bw = None if profile else b.read_bandwidth_gbps()  # before the session exists: the probe's buffer and
+    engine = _engine(bundle, threads)                   # the weights never coexist in the peak RSS
     if profile:
         from cortex_edge.runtime import profile as prof
 
@@ -252,7 +253,7 @@ def bench(bundle, context, new_tokens, threads, json_out, plot_out, profile):
             Path(json_out).write_text(json.dumps(rep, indent=1))
             click.echo(f"wrote {json_out}")
         return
-    rep = b.run(engine, contexts, new_tokens, show_progress=sys.stderr.isatty())
+    rep = b.run(engine, contexts, new_tokens, show_progress=sys.stderr.isatty(), bandwidth=bw)
     click.echo(f"{engine.bundle.path}  weights={rep['weights']} state={rep['state']} threads={rep['threads']}  "
                f"cpu={rep['cpu']['model']}")
     click.echo(f"{'history':>9} {'prefill tok/s':>13} {'TTFT s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "

@@ -178,12 +178,15 @@ def run_context(engine: Engine, context: int, new_tokens: int, seed: int = 0, pr
             "state_bytes_per_level": engine.state_bytes(st)}
 
 
-def run(engine: Engine, contexts: list[int], new_tokens: int, show_progress: bool = True) -> dict:
+def run(engine: Engine, contexts: list[int], new_tokens: int, show_progress: bool = True,
+        bandwidth: float | None = None) -> dict:
+    """bandwidth: read bandwidth in GB/s measured beforehand (the CLI measures it before loading the bundle,
+    so that the probe's 256 MB buffer and the session never coexist in a peak-RSS reading)."""
     from tqdm import tqdm
 
     caches = cpu_caches()
     thermal_before = pi_thermal()
-    bw = read_bandwidth_gbps()
+    bw = read_bandwidth_gbps() if bandwidth is None else bandwidth
     results = []
     total = sum(contexts)
     with RSSSampler() as rss, tqdm(total=total, unit="tok", desc="prefill", disable=not show_progress
