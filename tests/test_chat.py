@@ -81,7 +81,10 @@ def test_ctrl_c_in_repl_drops_the_turn_and_keeps_the_session(engine, tmp_path):
     saved = (tmp_path / "sessions" / "default.cxs").read_bytes()
     p = subprocess.Popen([sys.executable, "-m", "cortex_edge", "chat", b, "--max-new-tokens", "1000000",
                           "--temperature", "1.0", "--ignore-eos"], env=env, stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         # a user's terminal delivers SIGINT with its default disposition; a suite started
+                         # in the background (`cmd &` without job control) would pass it on ignored
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         _ctrl_c_scenario(p, saved, tmp_path)
     finally:
