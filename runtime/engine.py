@@ -63,11 +63,7 @@ class Engine:
         if state_format is not None and state_format not in contract.STATE_FORMATS:
             raise ValueError(f"unknown state format {state_format!r}; expected one of {contract.STATE_FORMATS}")
         self.state_format = state_format or bundle.state_format
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = int(threads or min(4, os.cpu_count() or 1))
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
+        opts = session_options(threads)
         self.threads = opts.intra_op_num_threads
         try:
             self.sess = ort.InferenceSession(str(bundle.file(contract.GRAPH)), opts,
@@ -193,6 +189,16 @@ class Engine:
                 if all_logits:
                     out.append(logits)
         return np.concatenate(out, axis=0) if all_logits else logits[-1]
+
+
+def session_options(threads: int | None) -> ort.SessionOptions:
+    """The runtime's onnxruntime settings: intra-op threads (default: up to 4 cores), full graph optimization."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(threads or min(4, os.cpu_count() or 1))
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    return opts
 
 
 def release_free_memory() -> None:

@@ -25,9 +25,10 @@ from collections import defaultdict
 import numpy as np
 import onnxruntime as ort
 
+from cortex_edge import contract
 from cortex_edge.runtime import ring
 from cortex_edge.runtime.bundle import Bundle
-from cortex_edge.runtime.engine import Engine
+from cortex_edge.runtime.engine import Engine, session_options
 
 WARMUP = 2  # decode steps before the timed ones
 
@@ -93,14 +94,10 @@ def operators(bundle: Bundle, threads: int, context: int, tokens: int, seed: int
     engine = Engine(bundle, threads=threads)
     st, tok = _history(engine, context, seed)
     with tempfile.TemporaryDirectory() as tmp:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = engine.threads
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
+        opts = session_options(engine.threads)  # the runtime's own settings, plus the profiler
         opts.enable_profiling = True
         opts.profile_file_prefix = os.path.join(tmp, "ort")
-        engine.sess = ort.InferenceSession(engine.sess._model_path, opts, providers=["CPUExecutionProvider"])
+        engine.sess = ort.InferenceSession(str(bundle.file(contract.GRAPH)), opts, providers=["CPUExecutionProvider"])
         for _ in range(WARMUP + tokens):
             tok = int(np.argmax(engine.feed(st, [tok])))
         with open(engine.sess.end_profiling(), encoding="utf-8") as f:
