@@ -28,10 +28,22 @@ def rope_cos_sin(pos: torch.Tensor, head_dim: int, theta: float):
     return ang.cos(), ang.sin()
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    rot = torch.cat([-x[..., h:], x[..., :h]], dim=-1)
-    return x * cos + rot * sin
+def rotate_half(x: torch.Tensor, h: int | None = None) -> torch.Tensor:
+    """h: half the head size as a constant (the graph then splits by constant sizes, no shape arithmetic)."""
+    h = x.shape[-1] // 2 if h is None else h
+    x1, x2 = x.split([h, h], dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, half: torch.Tensor | None = None) -> torch.Tensor:
+    """RoPE in HF's layout; half = rotate_half(x) when the caller rotates x twice."""
+    return x * cos + (rotate_half(x) if half is None else half) * sin
+
+
+def graph_batch(x: torch.Tensor) -> int:
+    """The batch size as a constant while exporting (the graph has batch 1): every reshape then has a constant
+    target shape, where a traced x.shape[0] costs Shape/Gather/Unsqueeze/Concat nodes in each layer, each step."""
+    return 1 if torch.onnx.is_in_onnx_export() else x.shape[0]
 
 
 class Attention(nn.Module):
@@ -57,33 +69,35 @@ class Attention(nn.Module):
         del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x, q_rope, sink_rope, mask, past_k, past_v):
-        """past_k holds keys already rotated (ring: in the current frame; sinks: at their own position)."""
+        """past_k holds keys already rotated (ring: in the current frame; sinks: at their own position).
+        Every reshape has one free (-1) axis, the new tokens', so the exported graph does no shape arithmetic."""
         cfg = self.cfg
-        B, T, _ = x.shape
+        B = graph_batch(x)
         H, KV, hd, S = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.sinks
-        G = H // KV
+        G, n = H // KV, cfg.sinks + cfg.window
         if self.qkv_proj is not None:
             q0, k, v = self.qkv_proj(x).split([H * hd, KV * hd, KV * hd], dim=-1)
         else:
             q0, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q0 = q0.view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
-        k = k.view(B, T, KV, hd).transpose(1, 2)  # (B, KV, T, hd)
-        v = v.view(B, T, KV, hd).transpose(1, 2)  # (B, KV, T, hd)
-        q = rotate(q0, *q_rope).reshape(B, KV, G * T, hd)  # head h = kv * G + g uses kv head h // G (HF repeat_kv)
-        k = rotate(k, *q_rope)  # (B, KV, T, hd) rotated: goes to the ring as it is
-        s_past = torch.matmul(q, past_k.transpose(-1, -2)).view(B, KV, G, T, -1)  # (B, KV, G, T, S+W)
-        s_new = torch.matmul(q, k.transpose(-1, -2)).view(B, KV, G, T, T)  # (B, KV, G, T, T)
+        q0 = q0.view(B, -1, H, hd).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, -1, KV, hd).transpose(1, 2)  # (B, KV, T, hd)
+        v = v.view(B, -1, KV, hd).transpose(1, 2)  # (B, KV, T, hd)
+        half = rotate_half(q0, hd // 2)
+        # head h = kv * G + g uses kv head h // G (HF repeat_kv): rows g * T + t of (B, KV, G * T, hd)
+        q = rotate(q0, *q_rope, half).reshape(B, KV, -1, hd)
+        k = rotate(k, *q_rope, rotate_half(k, hd // 2))  # (B, KV, T, hd) rotated: goes to the ring as it is
+        s_past = torch.matmul(q, past_k.transpose(-1, -2))  # (B, KV, G*T, S+W)
+        s_new = torch.matmul(q, k.transpose(-1, -2))  # (B, KV, G*T, T)
         if S:  # the sinks, seen from each query's own sink position
-            qs = rotate(q0, *sink_rope).reshape(B, KV, G * T, hd)
-            s_sink = torch.matmul(qs, past_k[:, :, :S].transpose(-1, -2)).view(B, KV, G, T, S)
+            qs = rotate(q0, *sink_rope, half).reshape(B, KV, -1, hd)
+            s_sink = torch.matmul(qs, past_k[:, :, :S].transpose(-1, -2))  # (B, KV, G*T, S)
             parts = [s_sink, s_past[..., S:], s_new]
         else:
             parts = [s_past, s_new]
-        scores = torch.cat(parts, dim=-1) / math.sqrt(hd) + mask  # (B, KV, G, T, S+W+T)
-        p = torch.softmax(scores, dim=-1).reshape(B, KV, G * T, -1)
-        n = past_v.shape[2]  # S + W
+        scores = torch.cat(parts, dim=-1) / math.sqrt(hd) + mask.repeat(G, 1)  # mask (T, S+W+T) per head g
+        p = torch.softmax(scores, dim=-1)
         o = torch.matmul(p[..., :n], past_v) + torch.matmul(p[..., n:], v)  # (B, KV, G*T, hd), no K/V concat
-        o = o.view(B, H, T, hd).transpose(1, 2).reshape(B, T, H * hd)
+        o = o.reshape(B, H, -1, hd).transpose(1, 2).reshape(B, -1, H * hd)
         return self.o_proj(o), k, v
 
 
@@ -104,7 +118,8 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.gate_up_proj is not None:
-            g, u = self.gate_up_proj(x).chunk(2, dim=-1)
+            f = self.down_proj.in_features  # constant split sizes: no shape arithmetic in the graph
+            g, u = self.gate_up_proj(x).split([f, f], dim=-1)
             return self.down_proj(F.silu(g) * u)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
