@@ -122,7 +122,9 @@ def cortex_runs(name: str, bundle: str, threads: int, histories: list[int], n_ge
                      "decode_ms_p50": res["decode_ms_p50"], "prefill_tokens_per_s": res["prefill_tokens_per_s"],
                      "prefill_measure": "the whole history, chunk by chunk",
                      "time_to_first_token_s": res["time_to_first_token_s"], "peak_rss_bytes": peak,
-                     "read_bandwidth_gbps": rep["read_bandwidth_gbps"], "bytes_read_per_token": rep["bytes_read_per_token"]})
+                     "read_bandwidth_gbps": rep["read_bandwidth_gbps"], "bytes_read_per_token": res.get("bytes_read_per_token", rep["bytes_read_per_token"]),
+                     "bandwidth_share": res["decode_tokens_per_s"] * res.get("bytes_read_per_token", rep["bytes_read_per_token"])
+                     / (rep["read_bandwidth_gbps"] * 1e9)})
     return rows
 
 

@@ -241,8 +241,11 @@ def bench(bundle, context, new_tokens, threads, json_out, plot_out, profile):
     from cortex_edge.runtime import bench as b
 
     contexts = _contexts(context)
-    bw = None if profile else b.read_bandwidth_gbps()  # before the session exists: the probe's buffer and
-    engine = _engine(bundle, threads)                   # the weights never coexist in the peak RSS
+    from cortex_edge.runtime.engine import default_threads
+
+    # bandwidth before the session exists: the probe's buffers and the weights never coexist in the peak RSS
+    bw = None if profile else b.read_bandwidth_gbps(default_threads(threads))
+    engine = _engine(bundle, threads)
     if profile:
         from cortex_edge.runtime import profile as prof
 

@@ -11,11 +11,13 @@ Graph signature:
   input_ids          (1, T)            int64    new tokens
   q_pos              (T,)              int64    RoPE position of each new token (bounded, see runtime/ring.py)
   sink_q_pos         (T,)              int64    position each new token's query takes against the sinks
-  attn_mask          (T, S + W + T)    float32  additive mask over [sinks | window | new tokens]
+  attn_mask          (T, P + T)        float32  additive mask over [sinks | window | new tokens]
   logits_from        ()                int64    first new token whose logits are computed: 0 all, T-1 the
                                                 last only (a prompt's chunks skip the lm_head for the rest)
-  past_key.{i}       (1, KV, S + W, hd) float32 keys of layer i, already rotated: [sinks | window ring]
-  past_value.{i}     (1, KV, S + W, hd) float32
+  past_key.{i}       (1, KV, P, hd)    float32  keys of layer i, already rotated: [sinks | window ring];
+                                                P = S + W, or fewer slots while the ring is still filling
+                                                (the runtime grows it: a short history reads a short ring)
+  past_value.{i}     (1, KV, P, hd)    float32
   mem.{l}            (N_l, d_l)        float32  CMS level l memory (dequantized stored state)
   mem_key.{l}        (N_l, d_k)        float32  CMS level l keys
 ->

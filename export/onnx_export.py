@@ -89,6 +89,8 @@ def export_graph(model: CortexLM, path: Path) -> None:
     for i in range(cfg.n_layers):
         dyn[contract.new_key(i)] = {2: "T"}
         dyn[contract.new_value(i)] = {2: "T"}
+        dyn[contract.past_key(i)] = {2: "P"}  # S + W, or fewer while the ring fills (runtime/engine.py)
+        dyn[contract.past_value(i)] = {2: "P"}
     args = tuple(torch.from_numpy(feed[n]) for n in in_names)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

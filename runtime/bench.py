@@ -117,22 +117,30 @@ _BANDWIDTH_PROBE = """
 import sys, time, numpy as np
 a = np.ones(int(sys.argv[1]) << 18, dtype=np.float32)
 a.sum()
-best = min((lambda t: (a.sum(), time.perf_counter() - t)[1])(time.perf_counter()) for _ in range(3))
-print(a.nbytes / best / 1e9)
+while time.time() < float(sys.argv[2]):  # all readers start together
+    pass
+t = time.perf_counter()
+for _ in range(8):
+    a.sum()
+print(8 * a.nbytes, time.perf_counter() - t)
 """
 
 
-def read_bandwidth_gbps(mb: int = 256) -> float:
-    """Single-thread streaming read bandwidth: a NumPy sum over a buffer larger than the caches, in a
-    child process so the buffer never counts in this process's RSS."""
+def read_bandwidth_gbps(threads: int = 1, mb: int = 256) -> float:
+    """Streaming read bandwidth of `threads` cores reading at once (the decode's own thread count): each a
+    NumPy sum over its own buffer, larger than the caches, 8 passes from a common start; total bytes over
+    the slowest reader's time. In child processes, so the buffers never count in this process's RSS."""
     import subprocess
     import sys
 
+    per = max(64, mb // max(1, threads))
+    start = f"{time.time() + 1.0 + 0.2 * threads:.3f}"
     try:
-        r = subprocess.run([sys.executable, "-c", _BANDWIDTH_PROBE, str(mb)], capture_output=True, text=True,
-                           timeout=300)
-        return float(r.stdout.strip())
-    except (OSError, ValueError, subprocess.SubprocessError):
+        procs = [subprocess.Popen([sys.executable, "-c", _BANDWIDTH_PROBE, str(per), start], stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, text=True) for _ in range(max(1, threads))]
+        outs = [p.communicate(timeout=300)[0].split() for p in procs]
+        return sum(float(o[0]) for o in outs) / max(float(o[1]) for o in outs) / 1e9
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
         return float("nan")
 
 
@@ -175,7 +183,8 @@ def run_context(engine: Engine, context: int, new_tokens: int, seed: int = 0, pr
             "decode_ms_p50": float(np.percentile(ms, 50)), "decode_ms_p95": float(np.percentile(ms, 95)),
             "decode_ms_p99": float(np.percentile(ms, 99)), "decode_tokens_per_s": float(1e3 / ms.mean()),
             "rss_bytes": psutil.Process().memory_info().rss, "events": st.events,
-            "state_bytes_per_level": engine.state_bytes(st)}
+            "state_bytes_per_level": engine.state_bytes(st),
+            "bytes_read_per_token": weight_bytes(engine) + sum(a.nbytes for a in st.keys + st.values)}
 
 
 def run(engine: Engine, contexts: list[int], new_tokens: int, show_progress: bool = True,
@@ -186,7 +195,7 @@ def run(engine: Engine, contexts: list[int], new_tokens: int, show_progress: boo
 
     caches = cpu_caches()
     thermal_before = pi_thermal()
-    bw = read_bandwidth_gbps() if bandwidth is None else bandwidth
+    bw = read_bandwidth_gbps(engine.threads) if bandwidth is None else bandwidth
     results = []
     total = sum(contexts)
     with RSSSampler() as rss, tqdm(total=total, unit="tok", desc="prefill", disable=not show_progress
@@ -197,8 +206,8 @@ def run(engine: Engine, contexts: list[int], new_tokens: int, show_progress: boo
             results.append(r)
     st = engine.new_state()
     levels = engine.state_bytes(st)
-    wbytes = weight_bytes(engine)
-    per_token_bytes = wbytes + sum(a.nbytes for a in st.keys + st.values)
+    c = engine.cfg  # the steady state: weights and the whole ring (a filling ring reads less: per history above)
+    per_token_bytes = weight_bytes(engine) + 2 * c.n_layers * c.n_kv_heads * (c.sinks + c.window) * c.head_dim * 4
     out = {
         "bundle": str(engine.bundle.path), "weights": engine.bundle.weights, "state": engine.bundle.state_format,
         "threads": engine.threads, "cpu": cpu_info(), "caches": caches,

@@ -87,14 +87,51 @@ class Engine:
         got = {i.name: i.shape for i in self.sess.get_inputs()}
         if set(got) != set(self._in) or [o.name for o in self.sess.get_outputs()] != self._out:
             raise BundleError("bundle graph does not have the contract's inputs and outputs")
+        # graphs that take fewer ring slots than S + W (a symbolic length) let a short history read a short ring
+        self.grows = not isinstance(got[contract.past_key(0)][2], int)
+        if self.grows:
+            got[contract.past_key(0)] = [*got[contract.past_key(0)][:2], c.sinks + c.window, got[contract.past_key(0)][3]]
         for name, shape in want.items():
             if list(got[name]) != shape:
                 raise BundleError(f"bundle graph input {name} has shape {got[name]}, the config says {shape}")
 
     # ------------------------------------------------------------------ state
+    def ring_slots(self, n: int) -> int:
+        """Cache slots (sinks + ring) the attention reads once n tokens are in: S + W in the steady state;
+        while the ring is still filling (graphs with a symbolic length), the slots in use rounded up to W/8,
+        so that a 512-token history reads 644 of SmolLM2's 1,028 slots and the arrays grow 8 times at most."""
+        c = self.cfg
+        full = c.sinks + c.window
+        if not self.grows:
+            return full
+        step = max(1, c.window // RING_GROWTH)
+        return min(full, c.sinks + step * max(1, -(-(n - c.sinks) // step)))
+
+    def fit_ring(self, st: State, n: int | None = None) -> None:
+        """Make st's K/V arrays ring_slots(n) long (n: tokens that will be in; default st.n). Grows by copying
+        (slots fill in order, so the kept ones are a prefix) and never drops a held slot."""
+        want = self.ring_slots(st.n if n is None else n)
+        have = st.keys[0].shape[2]
+        if want == have:
+            return
+        if want < have and np.any([np.any(k[:, :, want:]) for k in st.keys]):
+            raise ValueError("the ring holds tokens beyond the slots in use")  # a corrupt state, never a user's
+        for arrs in (st.keys, st.values):
+            for i, a in enumerate(arrs):
+                b = np.zeros((*a.shape[:2], want, a.shape[3]), np.float32)
+                m = min(want, have)
+                b[:, :, :m] = a[:, :, :m]
+                arrs[i] = b
+
+    def full_ring(self, st: State) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """st's keys and values padded to S + W slots (sessions store them so, whatever the graph)."""
+        full = self.cfg.sinks + self.cfg.window
+        pad = [(0, 0), (0, 0), (0, full - st.keys[0].shape[2]), (0, 0)]
+        return [np.pad(k, pad) for k in st.keys], [np.pad(v, pad) for v in st.values]
+
     def new_state(self) -> State:
         c = self.cfg
-        shape = (1, c.n_kv_heads, c.sinks + c.window, c.head_dim)
+        shape = (1, c.n_kv_heads, self.ring_slots(0), c.head_dim)
         levels = [self._store(lv) for lv in cms.empty_levels(c.cms)]
         st = State(keys=[np.zeros(shape, np.float32) for _ in range(c.n_layers)],
                    values=[np.zeros(shape, np.float32) for _ in range(c.n_layers)],
@@ -125,8 +162,12 @@ class Engine:
         c = self.cfg
         T = int(ids.shape[0])
         plan = ring.plan_step(st.n, T, c.sinks, c.window)
+        self.fit_ring(st, st.n + T)
+        P, full = st.keys[0].shape[2], c.sinks + c.window
+        mask = plan.attn_mask if P == full else np.ascontiguousarray(  # slots P.. hold nothing yet: masked anyway
+            np.concatenate([plan.attn_mask[:, :P], plan.attn_mask[:, full:]], axis=1))
         feed = {contract.INPUT_IDS: ids.reshape(1, T).astype(np.int64), contract.Q_POS: plan.q_pos,
-                contract.SINK_Q_POS: plan.sink_q_pos, contract.ATTN_MASK: plan.attn_mask,
+                contract.SINK_Q_POS: plan.sink_q_pos, contract.ATTN_MASK: mask,
                 contract.LOGITS_FROM: np.array(0 if all_logits else T - 1, np.int64)}
         for i in range(c.n_layers):
             feed[contract.past_key(i)] = st.keys[i]
@@ -191,10 +232,18 @@ class Engine:
         return np.concatenate(out, axis=0) if all_logits else logits[-1]
 
 
+RING_GROWTH = 8  # a filling ring grows by W / 8 slots at a time
+
+
+def default_threads(threads: int | None = None) -> int:
+    """threads, or up to 4 cores (the Pi 5 has 4)."""
+    return int(threads or min(4, os.cpu_count() or 1))
+
+
 def session_options(threads: int | None) -> ort.SessionOptions:
     """The runtime's onnxruntime settings: intra-op threads (default: up to 4 cores), full graph optimization."""
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = int(threads or min(4, os.cpu_count() or 1))
+    opts.intra_op_num_threads = default_threads(threads)
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3

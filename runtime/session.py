@@ -42,9 +42,9 @@ def session_path(name: str) -> Path:
     return sessions_dir() / (name + contract.SESSION_SUFFIX)
 
 
-def _tensors(st: State) -> dict[str, np.ndarray]:
+def _tensors(st: State, engine: Engine) -> dict[str, np.ndarray]:
     t: dict[str, np.ndarray] = {"acc": st.acc}
-    for i, (k, v) in enumerate(zip(st.keys, st.values)):
+    for i, (k, v) in enumerate(zip(*engine.full_ring(st))):  # S + W slots on disk, however far the ring filled
         t[f"kv.{i}.key"] = k
         t[f"kv.{i}.value"] = v
     for lvl, s in enumerate(st.levels):
@@ -80,7 +80,7 @@ def _fsync_dir(d: Path) -> None:
 def save(path: Path, engine: Engine, st: State, extra: dict | None = None) -> None:
     from safetensors.numpy import save
 
-    t = _tensors(st)
+    t = _tensors(st, engine)
     meta = {"magic": contract.SESSION_MAGIC, "version": str(contract.SESSION_VERSION),
             "fingerprint": engine.bundle.fingerprint, "state_format": engine.state_format,
             "n": str(st.n), "events": str(st.events), "extra": json.dumps(extra or {})}
@@ -155,13 +155,17 @@ def _parse(data: bytes, engine: Engine, expect: dict[str, np.ndarray]) -> tuple[
                acc=t["acc"], n=n, events=events)
     st.keys = [np.array(a) for a in st.keys]  # writable copies
     st.values = [np.array(a) for a in st.values]
+    try:
+        engine.fit_ring(st)  # as many slots as this graph reads after n tokens
+    except ValueError:
+        raise SessionError("session file ring holds tokens its counters say it has not seen") from None
     engine.refresh_views(st)
     return st, extra
 
 
 def load(path: Path, engine: Engine) -> tuple[State, dict, str]:
     """-> (state, extra, which) with which in {"main", "backup"}. Raises SessionError if neither loads."""
-    expect = _tensors(engine.new_state())
+    expect = _tensors(engine.new_state(), engine)
     limit = sum(a.nbytes for a in expect.values()) + HEADER_SLACK + 8
     errors = []
     for which, p in (("main", path), ("backup", path.with_name(path.name + ".bak"))):

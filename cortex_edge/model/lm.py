@@ -74,7 +74,8 @@ class Attention(nn.Module):
         cfg = self.cfg
         B = graph_batch(x)
         H, KV, hd, S = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.sinks
-        G, n = H // KV, cfg.sinks + cfg.window
+        G = H // KV
+        n = past_v.shape[2]  # S + W, or fewer slots while the ring is still filling (the runtime grows it)
         if self.qkv_proj is not None:
             q0, k, v = self.qkv_proj(x).split([H * hd, KV * hd, KV * hd], dim=-1)
         else:
@@ -86,7 +87,7 @@ class Attention(nn.Module):
         # head h = kv * G + g uses kv head h // G (HF repeat_kv): rows g * T + t of (B, KV, G * T, hd)
         q = rotate(q0, *q_rope, half).reshape(B, KV, -1, hd)
         k = rotate(k, *q_rope, rotate_half(k, hd // 2))  # (B, KV, T, hd) rotated: goes to the ring as it is
-        s_past = torch.matmul(q, past_k.transpose(-1, -2))  # (B, KV, G*T, S+W)
+        s_past = torch.matmul(q, past_k.transpose(-1, -2))  # (B, KV, G*T, n)
         s_new = torch.matmul(q, k.transpose(-1, -2))  # (B, KV, G*T, T)
         if S:  # the sinks, seen from each query's own sink position
             qs = rotate(q0, *sink_rope, half).reshape(B, KV, -1, hd)
@@ -94,7 +95,7 @@ class Attention(nn.Module):
             parts = [s_sink, s_past[..., S:], s_new]
         else:
             parts = [s_past, s_new]
-        scores = torch.cat(parts, dim=-1) / math.sqrt(hd) + mask.repeat(G, 1)  # mask (T, S+W+T) per head g
+        scores = torch.cat(parts, dim=-1) / math.sqrt(hd) + mask.repeat(G, 1)  # mask (T, n+T) per head g
         p = torch.softmax(scores, dim=-1)
         o = torch.matmul(p[..., :n], past_v) + torch.matmul(p[..., n:], v)  # (B, KV, G*T, hd), no K/V concat
         o = o.reshape(B, H, -1, hd).transpose(1, 2).reshape(B, -1, H * hd)
