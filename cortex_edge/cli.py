@@ -50,7 +50,8 @@ def cli():
 @click.argument("model", default=DEFAULT_MODEL)
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="bundle folder to write")
 @click.option("--weights", type=click.Choice(contract.WEIGHT_FORMATS), default=contract.DEFAULT_WEIGHTS,
-              show_default=True, help="weight format (int8/int4: weight-only MatMulNBits)")
+              show_default=True, help="weight format (int8/int4: weight-only MatMulNBits; weights already on a "
+              "Q4_1/Q8_0 block grid, as in a GGUF, are kept exactly)")
 @click.option("--state", type=click.Choice(contract.STATE_FORMATS), default=contract.DEFAULT_STATE,
               show_default=True, help="CMS state storage format")
 @click.option("--force", is_flag=True, help="replace an existing bundle folder")

@@ -104,7 +104,8 @@ def write_param(level: int, name: str) -> str:
 
 
 # ---- formats
-WEIGHT_FORMATS = ("fp32", "int8", "int4")  # int8/int4: weight-only block-wise MatMulNBits
+WEIGHT_FORMATS = ("fp32", "int8", "int4")  # int8/int4: weight-only block-wise MatMulNBits; weights already on
+# a GGUF block grid (Q4_1, Q8_0) are kept exactly in either (quantize/weights.py)
 STATE_FORMATS = ("fp32", "fp16", "int8")  # CMS state between steps; int8 has a scale per slot
 DEFAULT_WEIGHTS = "int8"
 DEFAULT_STATE = "int8"

@@ -67,7 +67,7 @@ def test_int4_keeps_grid_weights_exactly_and_requantizes_the_rest(tmp_path):
     ws = [_grid("Q4_1", 4), _grid("Q8_0", 5), np.random.default_rng(6).standard_normal((K, N)).astype(np.float32) * 0.05]
     _graph(ws, tmp_path / "f.onnx")
     rep = wq.quantize_graph(tmp_path / "f.onnx", tmp_path / "q.onnx", "int4")
-    assert rep["kept_exact"] == {"4-bit grid (Q4_1)": 1, "8-bit grid (Q8_0)": 1, "re-quantized": 1}
+    assert rep["kept_exact"] == {"4-bit grid (Q4_1)": 1, "8-bit grid (Q8_0)": 1, "re-quantized to 4 bits": 1}
     model = onnx.load(str(tmp_path / "q.onnx"))
     assert np.array_equal(_decode(model, "mm0", 4), ws[0])  # bit for bit: d(q - 8) + (m + 8d) = dq + m
     assert np.array_equal(_decode(model, "mm1", 8), ws[1])
@@ -87,7 +87,17 @@ def test_int4_keeps_grid_weights_exactly_and_requantizes_the_rest(tmp_path):
     assert np.abs(got[2] - ref2).max() < 0.2 * np.abs(ref2).max()  # off-grid: 4-bit asymmetric re-quantization
 
 
-def test_int8_is_unchanged_by_grids(tmp_path):
-    _graph([_grid("Q4_1", 8)], tmp_path / "f.onnx")
+def test_int8_keeps_grids_too_and_requantizes_the_rest_at_8_bits(tmp_path):
+    """int8 promises no worse than 8-bit block rounding: a weight exactly on a 4-bit grid stays there (exact
+    and smaller); a weight on no grid gets 8 bits, far closer than 4."""
+    import onnxruntime as ort
+
+    ws = [_grid("Q4_1", 8), np.random.default_rng(9).standard_normal((K, N)).astype(np.float32) * 0.05]
+    _graph(ws, tmp_path / "f.onnx")
     rep = wq.quantize_graph(tmp_path / "f.onnx", tmp_path / "q.onnx", "int8")
-    assert "kept_exact" not in rep and rep["matmuls_quantized"] == 1
+    assert rep["kept_exact"] == {"4-bit grid (Q4_1)": 1, "8-bit grid (Q8_0)": 0, "re-quantized to 8 bits": 1}
+    assert np.array_equal(_decode(onnx.load(str(tmp_path / "q.onnx")), "mm0", 4), ws[0])
+    x = np.random.default_rng(10).standard_normal((1, T, K)).astype(np.float32)
+    got = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    ref = x @ ws[1]
+    assert np.abs(got[1] - ref).max() < 0.02 * np.abs(ref).max()
