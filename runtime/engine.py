@@ -8,8 +8,9 @@ NumPy + onnxruntime only. One token's path:
                                write_feat ─► acc += feat    │
    every C tokens: s = acc / C ─► jump map (cms.py) on decode(stored) ─► encode ─► stored ─► fresh fp32 views
 
-State (all of it fixed-size, whatever the history length):
-   kv      per layer: keys, values (1, KV, S + W, hd) fp32     the attention ring with sinks (keys rotated, ring.py)
+State (all of it bounded, whatever the history length):
+   kv      per layer: keys, values (1, KV, P, hd) fp32     the attention ring with sinks (keys rotated, ring.py);
+                                                          P = S + W, fewer while the ring fills (fit_ring)
    cms     per level: memory (N_l, d_l), keys (N_l, d_k) in the bundle's state format; usage (N_l,) fp32
    acc     (d_z,) fp32   sum of write_feat over the current chunk
    n, events             tokens seen, memory events done
@@ -134,11 +135,9 @@ class Engine:
         c = self.cfg
         shape = (1, c.n_kv_heads, self.ring_slots(0), c.head_dim)
         levels = [self._store(lv) for lv in cms.empty_levels(c.cms)]
-        full = c.sinks + c.window
-        st = State(keys=[_regrow(np.zeros((1, c.n_kv_heads, 0, c.head_dim), np.float32), shape[2], full)
-                         for _ in range(c.n_layers)],
-                   values=[_regrow(np.zeros((1, c.n_kv_heads, 0, c.head_dim), np.float32), shape[2], full)
-                           for _ in range(c.n_layers)],
+        empty, full = np.zeros((1, c.n_kv_heads, 0, c.head_dim), np.float32), c.sinks + c.window
+        st = State(keys=[_regrow(empty, shape[2], full) for _ in range(c.n_layers)],
+                   values=[_regrow(empty, shape[2], full) for _ in range(c.n_layers)],
                    levels=levels, acc=np.zeros(c.cms.event_dim, np.float32))
         self.refresh_views(st)
         return st
