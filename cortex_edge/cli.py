@@ -241,10 +241,9 @@ def chat(bundle, session, no_session, prompt, max_new_tokens, temperature, top_k
 def bench(bundle, context, new_tokens, threads, json_out, plot_out, profile):
     """Measure BUNDLE on this device: TTFT, prefill, decode latency, RSS, state size vs caches."""
     from cortex_edge.runtime import bench as b
-
-    contexts = _contexts(context)
     from cortex_edge.runtime.engine import default_threads
 
+    contexts = _contexts(context)
     # bandwidth before the session exists: the probe's buffers and the weights never coexist in the peak RSS
     bw = None if profile else b.read_bandwidth_gbps(default_threads(threads))
     engine = _engine(bundle, threads)

@@ -101,9 +101,12 @@ def encode_exact(model, exact: dict, block_size: int = BLOCK_SIZE) -> None:
 
     if not exact:
         return
+    from collections import Counter
+
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     nodes = list(g.node)
+    uses = Counter(i for n in nodes for i in set(n.input))  # nodes reading each name: one that another reads stays
     del g.node[:]
     for node in nodes:
         if node.name not in exact:
@@ -119,7 +122,7 @@ def encode_exact(model, exact: dict, block_size: int = BLOCK_SIZE) -> None:
         else:
             packed = q.reshape(N, nb, block_size)
         w_name = node.input[1]
-        if w_name in inits and sum(1 for n in nodes if w_name in n.input) == 1:
+        if w_name in inits and uses[w_name] == 1:
             g.initializer.remove(inits.pop(w_name))
         new = [numpy_helper.from_array(np.ascontiguousarray(packed, dtype=np.uint8), f"{name}_exact_q{bits}"),
                numpy_helper.from_array(np.ascontiguousarray(d.reshape(-1), dtype=np.float32), f"{name}_exact_scales")]

@@ -154,6 +154,13 @@ def weight_bytes(engine: Engine) -> int:
     return engine.bundle.manifest["files"][contract.GRAPH]["bytes"] - (c.vocab_size - 1) * c.dim * row
 
 
+def bytes_per_token(engine: Engine, slots: int) -> int:
+    """What a decode step reads: the weights (weight_bytes) and every layer's fp32 keys and values over `slots`
+    ring slots."""
+    c = engine.cfg
+    return weight_bytes(engine) + 2 * c.n_layers * c.n_kv_heads * slots * c.head_dim * 4
+
+
 def run_context(engine: Engine, context: int, new_tokens: int, seed: int = 0, progress=None) -> dict:
     rng = np.random.default_rng(seed)
     V = engine.cfg.vocab_size
@@ -184,13 +191,13 @@ def run_context(engine: Engine, context: int, new_tokens: int, seed: int = 0, pr
             "decode_ms_p99": float(np.percentile(ms, 99)), "decode_tokens_per_s": float(1e3 / ms.mean()),
             "rss_bytes": psutil.Process().memory_info().rss, "events": st.events,
             "state_bytes_per_level": engine.state_bytes(st),
-            "bytes_read_per_token": weight_bytes(engine) + sum(a.nbytes for a in st.keys + st.values)}
+            "bytes_read_per_token": bytes_per_token(engine, st.keys[0].shape[2])}
 
 
 def run(engine: Engine, contexts: list[int], new_tokens: int, show_progress: bool = True,
         bandwidth: float | None = None) -> dict:
     """bandwidth: read bandwidth in GB/s measured beforehand (the CLI measures it before loading the bundle,
-    so that the probe's 256 MB buffer and the session never coexist in a peak-RSS reading)."""
+    so that the probe's buffers (256 MB in all) and the session never coexist in a peak-RSS reading)."""
     from tqdm import tqdm
 
     caches = cpu_caches()
@@ -206,8 +213,8 @@ def run(engine: Engine, contexts: list[int], new_tokens: int, show_progress: boo
             results.append(r)
     st = engine.new_state()
     levels = engine.state_bytes(st)
-    c = engine.cfg  # the steady state: weights and the whole ring (a filling ring reads less: per history above)
-    per_token_bytes = weight_bytes(engine) + 2 * c.n_layers * c.n_kv_heads * (c.sinks + c.window) * c.head_dim * 4
+    # the steady state: weights and the whole ring (a filling ring reads less: per history above)
+    per_token_bytes = bytes_per_token(engine, engine.cfg.sinks + engine.cfg.window)
     out = {
         "bundle": str(engine.bundle.path), "weights": engine.bundle.weights, "state": engine.bundle.state_format,
         "threads": engine.threads, "cpu": cpu_info(), "caches": caches,
