@@ -173,3 +173,29 @@ def test_builtin_recall_is_a_trained_checkpoint_of_its_config():
     model, meta = load_checkpoint(RECALL_CHECKPOINT)
     assert model.cfg == recall_config()
     assert meta["train"]["recipe"] == "stable" and meta["final_eval"]["answer_exact"] > 0.5
+
+
+def test_margin_cost_is_the_hinge_on_the_answer_bytes_only():
+    """margin: mean over answer positions of relu(m - (right logit - best wrong logit)); rows without an
+    answer (language rows) and the haystack never enter it."""
+    import torch
+
+    from cortex_edge.config import tiny_config
+    from cortex_edge.model import train as tr
+
+    model = tr.new_model(tiny_config(), "stable", seed=0).eval()
+    ids, w = tr.passkey_row(160, seed=7)
+    lm_row = torch.arange(160).remainder(200).add(3)[None]
+    ids_t = torch.cat([torch.tensor([ids]), lm_row])
+    w_t = torch.cat([torch.tensor([w]), torch.zeros(1, 160)])
+    with torch.no_grad():
+        out = tr.forward(model, ids_t, w_t, margin=2.0)
+        logits = tr.TorchStream(model, batch=2).feed(ids_t)
+    at = torch.nonzero(w_t[0, 1:] > 0).flatten()
+    lg, tgt = logits[0, at], ids_t[0, at + 1]
+    right = lg[torch.arange(len(at)), tgt]
+    wrong = lg.clone()
+    wrong[torch.arange(len(at)), tgt] = float("-inf")
+    want = torch.relu(2.0 - (right - wrong.max(1).values)).mean()
+    assert len(at) == 7 and torch.allclose(out["margin"], want, atol=1e-5)
+    assert float(tr.forward(model, ids_t, w_t)["margin"]) == 0.0  # off by default

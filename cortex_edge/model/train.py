@@ -95,6 +95,11 @@ class TrainConfig:
     # 64 events; (1 - 0.003)^64 keeps 83 % of a needle) but 16k-64k tokens do ((1 - 0.003)^4096 keeps 0.0005 %).
     # Measured on a 128-wide level 0: learned, its filler decay went to 2.9e-3 and 64k recall to 0.23.
     frozen: tuple = ()
+    # a margin cost on the answer: mean(relu(margin - (logit of the right byte - the best wrong one))) at the answer
+    # positions, weight margin_weight. Cross-entropy near 1.0 exact stops pushing; the held-out misses are near-ties
+    # (the right digit second at 0.32-0.48), which this widens. 0: off.
+    margin: float = 0.0
+    margin_weight: float = 0.0
 
     def validate(self) -> None:
         if self.recipe not in ("stable", "naive"):
@@ -294,7 +299,8 @@ def key_digits(ids: torch.Tensor, w_ans: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def forward(model: CortexLM, ids: torch.Tensor, w_ans: torch.Tensor, stats: bool = False, probe=None) -> dict:
+def forward(model: CortexLM, ids: torch.Tensor, w_ans: torch.Tensor, stats: bool = False, probe=None,
+            margin: float = 0.0) -> dict:
     """Run the stream over ids (B, L); losses and the stability metrics."""
     stream = TorchStream(model, batch=ids.shape[0])
     stream.read_log = [] if (stats or probe is not None) else None
@@ -312,7 +318,13 @@ def forward(model: CortexLM, ids: torch.Tensor, w_ans: torch.Tensor, stats: bool
     g_all = torch.cat([g.reshape(-1) for g in gates]) if gates else torch.zeros(1)
     out = {"answer": ans, "lm": lm, "exact": exact, "write_gate": g_all.mean(), "stream": stream,
            "gate_cost": (g_all + 1e-8).sqrt().mean(), "write_gate_median": g_all.median(),
-           "probe": torch.zeros(())}
+           "probe": torch.zeros(()), "margin": torch.zeros(())}
+    if margin > 0 and rows.any():
+        lg = logits[:, :-1][wa > 0]  # (A, V) logits that predict an answer byte
+        tgt = ids[:, 1:][wa > 0]  # (A,)
+        right = lg.gather(1, tgt[:, None])[:, 0]
+        wrong = lg.scatter(1, tgt[:, None], float("-inf")).max(1).values
+        out["margin"] = torch.relu(margin - (right - wrong)).mean()
     if probe is not None and rows.any():
         c = torch.cat([r["read"] for r in stream.read_log], dim=1)[:, :-1]  # (B, L-1, D) read before target t+1
         digits = key_digits(ids, w_ans)[rows]  # (R, 5)
@@ -424,8 +436,8 @@ def _loop(model: CortexLM, tc: TrainConfig, rng, corpus, probe, history: list, t
         length = int(lengths[rng.integers(0, len(lengths))])
         far = cfg.sinks + cfg.window + cfg.cms.chunk if rng.random() < far_frac else 0
         ids, w, _ = batch(rng, tc.batch_for(length), length, pk_frac, corpus, far)
-        o = forward(model, ids, w, stats=True, probe=probe)
-        loss = o["answer"] + tc.lm_weight * o["lm"] + tc.probe_weight * o["probe"]
+        o = forward(model, ids, w, stats=True, probe=probe, margin=tc.margin)
+        loss = o["answer"] + tc.lm_weight * o["lm"] + tc.probe_weight * o["probe"] + tc.margin_weight * o["margin"]
         if stable:
             ramp = min(1.0, max(0.0, (step / tc.steps - tc.l1_start) / 0.25))
             loss = loss + ramp * tc.gate_l1 * (o["gate_cost"] if tc.gate_cost == "sqrt" else o["write_gate"])
@@ -433,7 +445,8 @@ def _loop(model: CortexLM, tc: TrainConfig, rng, corpus, probe, history: list, t
             op.zero_grad(set_to_none=True)
         loss.backward()
         rec = {"step": step0 + step, "length": length, "loss": float(loss.detach()),
-               "probe_loss": float(o["probe"].detach()), "grad_norm_backbone": grad_norm(main),
+               "probe_loss": float(o["probe"].detach()), "margin_loss": float(o["margin"].detach()),
+               "grad_norm_backbone": grad_norm(main),
                "grad_norm_memory": grad_norm(mem)}
         if stable:
             torch.nn.utils.clip_grad_norm_(main, tc.clip)
