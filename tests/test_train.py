@@ -96,10 +96,12 @@ def test_polish_starts_from_the_checkpoint_and_changes_it(tmp_path):
     assert len(hist) == 2 and any(not torch_equal(before[k], after[k]) for k in before)
     r = CliRunner().invoke(cli, ["train", "--out", str(tmp_path / "b.safetensors"), "--polish", str(tmp_path / "no.safetensors")])
     assert r.exit_code != 0 and "no such checkpoint" in r.output
+    r = CliRunner().invoke(cli, ["train", "--out", str(tmp_path / "b.safetensors"), "--margin", "5"])
+    assert r.exit_code == 2 and "--margin goes with --polish" in r.output and not (tmp_path / "b.safetensors").exists()
     # frozen: the named parameters keep their start, the rest of the same module still trains
     cfg = dataclasses.replace(tiny_config(), cms=dataclasses.replace(tiny_config().cms, adaptive_decay=True))
-    frozen = dataclasses.replace(tc, frozen=("cms_write.levels.0.decay.",))
-    after = tr.train(frozen, cfg=cfg)[0].state_dict()
+    assert tc.frozen == ("cms_write.levels.0.decay.",) and tc.margin == 0.0  # a polish leaves level 0's decay alone
+    after = tr.train(tc, cfg=cfg)[0].state_dict()
     for k in ("cms_write.levels.0.decay.weight", "cms_write.levels.0.decay.bias"):
         assert torch_equal(before[k], after[k])
     for k in ("cms_write.levels.0.value.weight", "cms_write.levels.1.decay.weight"):  # (level 1's decay is learnt)
