@@ -90,10 +90,10 @@ class TrainConfig:
     long_stages: tuple = ((1.0, (1024,), 0.85, 0.8),)
     long_lr: float = 1e-3
     long_gate_l1: float = 0.2
-    # parameters (name prefixes) kept at their starting value. Level 0's decay head stays at its start (weights 0,
-    # bias -10: d = 1.9e-5 per event): nothing in training punishes a higher decay there (the longest haystack is
-    # 64 events; (1 - 0.003)^64 keeps 83 % of a needle) but 16k-64k tokens do ((1 - 0.003)^4096 keeps 0.0005 %).
-    # Measured on a 128-wide level 0: learned, its filler decay went to 2.9e-3 and 64k recall to 0.23.
+    # parameters (name prefixes) kept as they are (polish_config: level 0's decay head). Nothing in training punishes
+    # a higher level-0 decay (the longest haystack is 64 events; (1 - 0.003)^64 keeps 83 % of a needle) but 16k-64k
+    # tokens do ((1 - 0.003)^4096 keeps 0.0005 %). Measured on a 128-wide level 0 retrained with it learnt: its
+    # filler decay went to 2.9e-3 and 64k recall to 0.23.
     frozen: tuple = ()
     # a margin cost on the answer: mean(relu(margin - (logit of the right byte - the best wrong one))) at the answer
     # positions, weight margin_weight. Cross-entropy near 1.0 exact stops pushing; the held-out misses are near-ties
@@ -249,8 +249,8 @@ def memory_params(model: nn.Module, frozen: tuple = ()) -> tuple[list, list]:
     """(backbone, memory) parameters to train; those named by a prefix in `frozen` are left out (and fixed)."""
     mem, main = [], []
     for name, p in model.named_parameters():
-        if name.startswith(tuple(frozen)):
-            p.requires_grad_(False)
+        p.requires_grad_(not name.startswith(tuple(frozen)))
+        if not p.requires_grad:
             continue
         (mem if name.startswith("cms_") else main).append(p)
     return main, mem
