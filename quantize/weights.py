@@ -17,6 +17,7 @@ The embedding Gather is stored fp16 (it is read one row per token, so it costs n
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 
 BLOCK_SIZE = 32
@@ -101,8 +102,6 @@ def encode_exact(model, exact: dict, block_size: int = BLOCK_SIZE) -> None:
 
     if not exact:
         return
-    from collections import Counter
-
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     nodes = list(g.node)

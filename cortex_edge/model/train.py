@@ -95,11 +95,10 @@ class TrainConfig:
     # tokens do ((1 - 0.003)^4096 keeps 0.0005 %). Measured on a 128-wide level 0 retrained with it learnt: its
     # filler decay went to 2.9e-3 and 64k recall to 0.23.
     frozen: tuple = ()
-    # a margin cost on the answer: mean(relu(margin - (logit of the right byte - the best wrong one))) at the answer
-    # positions, weight margin_weight. Cross-entropy near 1.0 exact stops pushing; the held-out misses are near-ties
-    # (the right digit second at 0.32-0.48), which this widens. 0: off.
+    # a margin cost on the answer, added to the loss at weight 1: mean(relu(margin - (logit of the right byte - the
+    # best wrong one))) at the answer positions. Cross-entropy near 1.0 exact stops pushing; the held-out misses are
+    # near-ties (the right digit second at 0.32-0.48), which this widens. 0: off.
     margin: float = 0.0
-    margin_weight: float = 0.0
 
     def validate(self) -> None:
         if self.recipe not in ("stable", "naive"):
@@ -123,14 +122,14 @@ class TrainConfig:
 def polish_config(init: str, seed: int = 1, margin: float = 0.0, steps: int = 300) -> TrainConfig:
     """A polish of a `cortex-edge train` checkpoint: `steps` steps at a tenth of the curriculum's learning rate on
     320-1,024-token haystacks (mostly far needles), the sqrt gate cost; level 0's decay head stays as it is.
-    margin > 0 adds the margin cost on the answer bytes (weight 1).
+    margin > 0 adds the margin cost on the answer bytes.
 
     builtin:recall got two: 300 steps, seed 1, no margin (made before `frozen` existed), which took the last-digit
     misses from 8 in 500 to 2 in 500 (int8 runtime, held-out set A); then 600 steps, seed 3, margin 5, which took
     the misses on the fresh set B from 7 in 500 to 1 in 500 (README)."""
     return TrainConfig(init=init, seed=seed, steps=steps, stages=((1.0, (320, 448, 1024), 0.9, 0.8),), lr=3e-4,
                        memory_lr=3e-4, gate_l1=0.2, gate_cost="sqrt", l1_start=0.0, warmup=10, long_steps=0,
-                       frozen=("cms_write.levels.0.decay.",), margin=margin, margin_weight=1.0 if margin > 0 else 0.0)
+                       frozen=("cms_write.levels.0.decay.",), margin=margin)
 
 
 def set_threads(n: int) -> None:
@@ -441,7 +440,7 @@ def _loop(model: CortexLM, tc: TrainConfig, rng, corpus, probe, history: list, t
         far = cfg.sinks + cfg.window + cfg.cms.chunk if rng.random() < far_frac else 0
         ids, w, _ = batch(rng, tc.batch_for(length), length, pk_frac, corpus, far)
         o = forward(model, ids, w, stats=True, probe=probe, margin=tc.margin)
-        loss = o["answer"] + tc.lm_weight * o["lm"] + tc.probe_weight * o["probe"] + tc.margin_weight * o["margin"]
+        loss = o["answer"] + tc.lm_weight * o["lm"] + tc.probe_weight * o["probe"] + o["margin"]
         if stable:
             ramp = min(1.0, max(0.0, (step / tc.steps - tc.l1_start) / 0.25))
             loss = loss + ramp * tc.gate_l1 * (o["gate_cost"] if tc.gate_cost == "sqrt" else o["write_gate"])
