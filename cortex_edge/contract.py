@@ -17,19 +17,20 @@ Graph signature:
   past_key.{i}       (1, KV, P, hd)    float32  keys of layer i, already rotated: [sinks | window ring];
                                                 P = S + W, or fewer slots while the ring is still filling
                                                 (the runtime grows it: a short history reads a short ring)
-  past_value.{i}     (1, KV, P, hd)    float32
+  past_value.{i}     (1, KV, hd, P)    float32  values of layer i, transposed (the attention streams both
+                                                caches as the left operand of a matmul: lm.py Attention)
   mem.{l}            (N_l, d_l)        float32  CMS level l memory (dequantized stored state)
   mem_key.{l}        (N_l, d_k)        float32  CMS level l keys
 ->
   logits             (1, T - logits_from, V) float32
   new_key.{i}        (1, KV, T, hd)    float32  keys of the new tokens rotated at q_pos (the runtime writes the ring)
-  new_value.{i}      (1, KV, T, hd)    float32
+  new_value.{i}      (1, KV, hd, T)    float32
   write_feat         (1, T, d_z)       float32  compressed hidden state per token (the jump map's input)
 """
 
 from __future__ import annotations
 
-CONTRACT_VERSION = 2  # 2: keys cached rotated (no win_pos), sink_q_pos, logits_from
+CONTRACT_VERSION = 3  # 2: keys cached rotated (no win_pos), sink_q_pos, logits_from; 3: values cached transposed
 BUNDLE_FORMAT = "cortex-edge-bundle"
 
 # ---- files inside a bundle
@@ -112,7 +113,7 @@ DEFAULT_STATE = "int8"
 
 # ---- sessions (durable chat state)
 SESSION_MAGIC = "cortex-edge-session"
-SESSION_VERSION = 2  # 2: ring keys stored rotated in the frame of runtime/ring.py
+SESSION_VERSION = 3  # 2: ring keys stored rotated in the frame of runtime/ring.py; 3: values transposed
 SESSION_SUFFIX = ".cxs"
 
 # ---- validation tolerances (export vs torch), named as optimum's ATOL_FOR_VALIDATION

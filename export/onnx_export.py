@@ -59,10 +59,10 @@ def example_inputs(cfg, t: int, n_past: int, seed: int = 0, logits_from: int = 0
     feed = {contract.INPUT_IDS: rng.integers(0, cfg.vocab_size, (1, t)).astype(np.int64),
             contract.Q_POS: plan.q_pos, contract.SINK_Q_POS: plan.sink_q_pos, contract.ATTN_MASK: plan.attn_mask,
             contract.LOGITS_FROM: np.array(logits_from, np.int64)}
-    shape = (1, cfg.n_kv_heads, cfg.sinks + cfg.window, cfg.head_dim)
+    P = cfg.sinks + cfg.window
     for i in range(cfg.n_layers):
-        feed[contract.past_key(i)] = rng.standard_normal(shape).astype(np.float32)
-        feed[contract.past_value(i)] = rng.standard_normal(shape).astype(np.float32)
+        feed[contract.past_key(i)] = rng.standard_normal((1, cfg.n_kv_heads, P, cfg.head_dim)).astype(np.float32)
+        feed[contract.past_value(i)] = rng.standard_normal((1, cfg.n_kv_heads, cfg.head_dim, P)).astype(np.float32)
     for lvl, (n, d) in enumerate(zip(cfg.cms.slots, cfg.cms.widths)):
         feed[contract.mem(lvl)] = rng.standard_normal((n, d)).astype(np.float32)
         feed[contract.mem_key(lvl)] = rng.standard_normal((n, cfg.cms.key_dim)).astype(np.float32)
@@ -88,9 +88,9 @@ def export_graph(model: CortexLM, path: Path) -> None:
            contract.ATTN_MASK: {0: "T", 1: "SWT"}, contract.LOGITS: {1: "T_out"}, contract.WRITE_FEAT: {1: "T"}}
     for i in range(cfg.n_layers):
         dyn[contract.new_key(i)] = {2: "T"}
-        dyn[contract.new_value(i)] = {2: "T"}
+        dyn[contract.new_value(i)] = {3: "T"}
         dyn[contract.past_key(i)] = {2: "P"}  # S + W, or fewer while the ring fills (runtime/engine.py)
-        dyn[contract.past_value(i)] = {2: "P"}
+        dyn[contract.past_value(i)] = {3: "P"}
     args = tuple(torch.from_numpy(feed[n]) for n in in_names)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -9,7 +9,8 @@ NumPy + onnxruntime only. One token's path:
    every C tokens: s = acc / C ─► jump map (cms.py) on decode(stored) ─► encode ─► stored ─► fresh fp32 views
 
 State (all of it bounded, whatever the history length):
-   kv      per layer: keys, values (1, KV, P, hd) fp32     the attention ring with sinks (keys rotated, ring.py);
+   kv      per layer: keys (1, KV, P, hd), values (1, KV, hd, P) fp32   the attention ring with sinks (keys
+                                                          rotated, ring.py; values transposed, lm.py Attention);
                                                           P = S + W, fewer while the ring fills (fit_ring)
    cms     per level: memory (N_l, d_l), keys (N_l, d_k) in the bundle's state format; usage (N_l,) fp32
    acc     (d_z,) fp32   sum of write_feat over the current chunk
@@ -81,7 +82,8 @@ class Engine:
     def _check_graph_shapes(self) -> None:
         """The graphs must take exactly the contract's inputs, with the config's fixed sizes."""
         c = self.cfg
-        want = {contract.past_key(0): [1, c.n_kv_heads, c.sinks + c.window, c.head_dim]}
+        want = {contract.past_key(0): [1, c.n_kv_heads, c.sinks + c.window, c.head_dim],
+                contract.past_value(0): [1, c.n_kv_heads, c.head_dim, c.sinks + c.window]}
         for lvl, (n, d) in enumerate(zip(c.cms.slots, c.cms.widths)):
             want[contract.mem(lvl)] = [n, d]
             want[contract.mem_key(lvl)] = [n, c.cms.key_dim]
@@ -92,6 +94,7 @@ class Engine:
         self.grows = not isinstance(got[contract.past_key(0)][2], int)
         if self.grows:
             got[contract.past_key(0)] = [*got[contract.past_key(0)][:2], c.sinks + c.window, got[contract.past_key(0)][3]]
+            got[contract.past_value(0)] = [*got[contract.past_value(0)][:3], c.sinks + c.window]
         for name, shape in want.items():
             if list(got[name]) != shape:
                 raise BundleError(f"bundle graph input {name} has shape {got[name]}, the config says {shape}")
@@ -121,25 +124,27 @@ class Engine:
             return
         if want < have and any(np.any(k[:, :, want:]) for k in st.keys):
             raise ValueError("the ring holds tokens beyond the slots in use")  # a corrupt state, never a user's
-        for arrs in (st.keys, st.values):
-            for i, a in enumerate(arrs):
-                arrs[i] = _regrow(a, want, self.cfg.sinks + self.cfg.window)
+        full = self.cfg.sinks + self.cfg.window
+        st.keys = [_regrow(a, want, full, axis=2) for a in st.keys]
+        st.values = [_regrow(a, want, full, axis=3) for a in st.values]
 
     def full_ring(self, st: State) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """st's keys and values padded to S + W slots (sessions store them so, whatever the graph)."""
         full = self.cfg.sinks + self.cfg.window
-        if st.keys[0].shape[2] == full:  # the steady state: nothing to pad, no 2 x 47 MB copy per save
+        more = full - st.keys[0].shape[2]
+        if not more:  # the steady state: nothing to pad, no 2 x 47 MB copy per save
             return st.keys, st.values
-        pad = [(0, 0), (0, 0), (0, full - st.keys[0].shape[2]), (0, 0)]
-        return [np.pad(k, pad) for k in st.keys], [np.pad(v, pad) for v in st.values]
+        return ([np.pad(k, [(0, 0), (0, 0), (0, more), (0, 0)]) for k in st.keys],
+                [np.pad(v, [(0, 0), (0, 0), (0, 0), (0, more)]) for v in st.values])
 
     def new_state(self) -> State:
         c = self.cfg
-        shape = (1, c.n_kv_heads, self.ring_slots(0), c.head_dim)
+        P, full = self.ring_slots(0), c.sinks + c.window
         levels = [self._store(lv) for lv in cms.empty_levels(c.cms)]
-        empty, full = np.zeros((1, c.n_kv_heads, 0, c.head_dim), np.float32), c.sinks + c.window
-        st = State(keys=[_regrow(empty, shape[2], full) for _ in range(c.n_layers)],
-                   values=[_regrow(empty, shape[2], full) for _ in range(c.n_layers)],
+        no_k = np.zeros((1, c.n_kv_heads, 0, c.head_dim), np.float32)
+        no_v = np.zeros((1, c.n_kv_heads, c.head_dim, 0), np.float32)
+        st = State(keys=[_regrow(no_k, P, full, axis=2) for _ in range(c.n_layers)],
+                   values=[_regrow(no_v, P, full, axis=3) for _ in range(c.n_layers)],
                    levels=levels, acc=np.zeros(c.cms.event_dim, np.float32))
         self.refresh_views(st)
         return st
@@ -184,7 +189,7 @@ class Engine:
         outs = self.sess.run(self._out, feed)
         for i in range(c.n_layers):
             st.keys[i][:, :, plan.slots, :] = outs[1 + 2 * i]
-            st.values[i][:, :, plan.slots, :] = outs[2 + 2 * i]
+            st.values[i][:, :, :, plan.slots] = outs[2 + 2 * i]
         shift = ring.frame_shift(st.n, st.n + T, c.sinks, c.window)
         if shift:  # the ring's rotary frame moved (once per W tokens): rotate its keys back by as much
             for k in st.keys:
@@ -240,25 +245,29 @@ class Engine:
 RING_GROWTH = 8  # a filling ring grows by W / 8 slots at a time
 
 
-def _regrow(a: np.ndarray, want: int, full: int) -> np.ndarray:
-    """a (1, KV, have, hd) -> (1, KV, want, hd), the first `have` slots kept, new ones zero: in place when a
-    is a view of a full-size buffer (fit_ring), else into a new one."""
-    _, kv, have, hd = a.shape
+def _regrow(a: np.ndarray, want: int, full: int, axis: int) -> np.ndarray:
+    """a, `have` slots long on `axis` (keys: 2 of (1, KV, P, hd); values: 3 of (1, KV, hd, P)) -> `want` slots
+    long, the first `have` slots kept, new ones zero: in place when a is a view of a full-size buffer
+    (fit_ring), else into a new one. In place, each row before `axis` (a head of keys, one of KV * hd rows
+    of values) moves to its new offset, the last row first when growing: none is overwritten before it moved."""
+    shape, have = a.shape, a.shape[axis]
+    rows, inner = int(np.prod(shape[:axis])), int(np.prod(shape[axis + 1:]))
+    new_shape = (*shape[:axis], want, *shape[axis + 1:])
     base = a.base
-    if base is None or base.ndim != 1 or base.size != kv * full * hd or base.dtype != np.float32 \
+    if base is None or base.ndim != 1 or base.size != rows * full * inner or base.dtype != np.float32 \
             or a.ctypes.data != base.ctypes.data:
-        base = np.zeros(kv * full * hd, np.float32)
-        out = base[:kv * want * hd].reshape(1, kv, want, hd)
+        base = np.zeros(rows * full * inner, np.float32)
+        out = base[:rows * want * inner].reshape(new_shape)
         m = min(want, have)
-        out[:, :, :m] = a[:, :, :m]
+        np.moveaxis(out, axis, 0)[:m] = np.moveaxis(a, axis, 0)[:m]
         return out
-    keep = min(want, have) * hd
-    order = range(kv - 1, -1, -1) if want > have else range(kv)  # never overwrite a head not yet moved
-    for h in order:
-        base[h * want * hd:h * want * hd + keep] = base[h * have * hd:h * have * hd + keep].copy()
-    out = base[:kv * want * hd].reshape(1, kv, want, hd)
+    keep = min(want, have) * inner
+    order = range(rows - 1, -1, -1) if want > have else range(rows)
+    for r in order:
+        base[r * want * inner:r * want * inner + keep] = base[r * have * inner:r * have * inner + keep].copy()
+    out = base[:rows * want * inner].reshape(new_shape)
     if want > have:
-        out[:, :, have:] = 0.0
+        out.reshape(rows, want * inner)[:, keep:] = 0.0
     return out
 
 
