@@ -68,39 +68,43 @@ class Attention(nn.Module):
             self.qkv_proj.bias.copy_(torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]))
         del self.q_proj, self.k_proj, self.v_proj
 
-    def forward(self, x, q_rope, sink_rope, mask, past_k, past_v):
+    def forward(self, x, q_rope, sink_rope, mask, past_k, past_v, n=None):
         """past_k (B, KV, n, hd) holds keys already rotated (ring: in the current frame; sinks: at their own
         position); past_v (B, KV, hd, n) holds values transposed. Both caches are the left operand of their
         matmul, scores and probabilities are kept slots-by-queries: a one-token step is then a matrix times a
         few columns that streams the cache once, where q @ K^T and p @ V made onnxruntime pack (copy) the
-        whole cache first (SmolLM2, 1,028 slots, 2 threads, profiled: 59 -> 36 and 62 -> 47 µs a layer). Every
-        reshape has one free (-1) axis, the new tokens', so the exported graph does no shape arithmetic.
+        whole cache first (SmolLM2, 1,028 slots, 2 threads, profiled: 59 -> 36 and 62 -> 47 µs a layer).
+        n: past_k.shape[2], given by the caller so that the graph reads the ring's length once, not per layer.
+        Queries and keys are rotated together, and 1/sqrt(hd) is applied to each score matmul (onnxruntime
+        folds it into the matmul): a decode step runs ~70 small operators a layer, each costing about as much
+        as its arithmetic, so the formulation keeps them few. Every reshape has one free (-1) axis, the new
+        tokens', so the exported graph does no shape arithmetic.
         Returns the output, the new keys (B, KV, T, hd) and the new values (B, KV, hd, T), in cache layout."""
         cfg = self.cfg
         B = graph_batch(x)
         H, KV, hd, S = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.sinks
         G = H // KV
-        n = past_k.shape[2]  # S + W, or fewer slots while the ring is still filling (the runtime grows it)
+        n = past_k.shape[2] if n is None else n  # S + W, or fewer slots while the ring is still filling
         if self.qkv_proj is not None:
-            q0, k, v = self.qkv_proj(x).split([H * hd, KV * hd, KV * hd], dim=-1)
+            qk, v = self.qkv_proj(x).split([(H + KV) * hd, KV * hd], dim=-1)
         else:
-            q0, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q0 = q0.view(B, -1, H, hd).transpose(1, 2)  # (B, H, T, hd)
-        k = k.view(B, -1, KV, hd).transpose(1, 2)  # (B, KV, T, hd)
+            qk, v = torch.cat([self.q_proj(x), self.k_proj(x)], dim=-1), self.v_proj(x)
+        qk = qk.view(B, -1, H + KV, hd).transpose(1, 2)  # (B, H + KV, T, hd): the query heads, then the key heads
         v = v.view(B, -1, KV, hd).permute(0, 2, 3, 1)  # (B, KV, hd, T)
-        half = rotate_half(q0, hd // 2)
+        half = rotate_half(qk, hd // 2)
+        q, k = rotate(qk, *q_rope, half).split([H, KV], dim=1)  # k (B, KV, T, hd) rotated: goes to the ring as is
         # head h = kv * G + g uses kv head h // G (HF repeat_kv): columns g * T + t of (B, KV, hd, G * T)
-        q = rotate(q0, *q_rope, half).reshape(B, KV, -1, hd).transpose(-1, -2)  # (B, KV, hd, G*T)
-        k = rotate(k, *q_rope, rotate_half(k, hd // 2))  # (B, KV, T, hd) rotated: goes to the ring as it is
-        s_past = torch.matmul(past_k, q)  # (B, KV, n, G*T)
-        s_new = torch.matmul(k, q)  # (B, KV, T, G*T)
+        q = q.reshape(B, KV, -1, hd).transpose(-1, -2)  # (B, KV, hd, G*T)
+        scale = 1.0 / math.sqrt(hd)
+        s_past = torch.matmul(past_k, q) * scale  # (B, KV, n, G*T)
+        s_new = torch.matmul(k, q) * scale  # (B, KV, T, G*T)
         if S:  # the sinks, seen from each query's own sink position
-            qs = rotate(q0, *sink_rope, half).reshape(B, KV, -1, hd).transpose(-1, -2)
-            s_sink = torch.matmul(past_k[:, :, :S], qs)  # (B, KV, S, G*T)
+            qs = rotate(qk, *sink_rope, half)[:, :H].reshape(B, KV, -1, hd).transpose(-1, -2)
+            s_sink = torch.matmul(past_k[:, :, :S], qs) * scale  # (B, KV, S, G*T)
             parts = [s_sink, s_past[:, :, S:], s_new]
         else:
             parts = [s_past, s_new]
-        scores = torch.cat(parts, dim=2) / math.sqrt(hd) + mask.t().repeat(1, G)  # mask (T, n+T) per head g
+        scores = torch.cat(parts, dim=2) + mask.t().repeat(1, G)  # mask (T, n+T) per head g
         p = torch.softmax(scores, dim=2)  # over the n + T slots
         o = torch.matmul(past_v, p[:, :, :n]) + torch.matmul(v, p[:, :, n:])  # (B, KV, hd, G*T), no K/V concat
         o = o.reshape(B, KV, hd, G, -1).permute(0, 4, 1, 3, 2).reshape(B, -1, H * hd)
@@ -138,8 +142,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, q_rope, sink_rope, mask, past_k, past_v):
-        a, k, v = self.self_attn(self.input_layernorm(x), q_rope, sink_rope, mask, past_k, past_v)
+    def forward(self, x, q_rope, sink_rope, mask, past_k, past_v, n=None):
+        a, k, v = self.self_attn(self.input_layernorm(x), q_rope, sink_rope, mask, past_k, past_v, n)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), k, v
 
@@ -196,8 +200,9 @@ class CortexLM(nn.Module):
         sink_rope = rope_cos_sin(sink_q_pos, cfg.head_dim, cfg.rope_theta)  # (T, hd)
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         new_k, new_v, feat, stats = [], [], None, None
+        n = past_keys[0].shape[2]  # ring slots, read once for every layer
         for i, layer in enumerate(self.model.layers):
-            x, k, v = layer(x, q_rope, sink_rope, attn_mask, past_keys[i], past_values[i])
+            x, k, v = layer(x, q_rope, sink_rope, attn_mask, past_keys[i], past_values[i], n)
             new_k.append(k)
             new_v.append(v)
             if i == cfg.memory_layer:
