@@ -248,8 +248,8 @@ RING_GROWTH = 8  # a filling ring grows by W / 8 slots at a time
 def _regrow(a: np.ndarray, want: int, full: int, axis: int) -> np.ndarray:
     """a, `have` slots long on `axis` (keys: 2 of (1, KV, P, hd); values: 3 of (1, KV, hd, P)) -> `want` slots
     long, the first `have` slots kept, new ones zero: in place when a is a view of a full-size buffer
-    (fit_ring), else into a new one. In place, each row before `axis` (a head of keys, one of KV * hd rows
-    of values) moves to its new offset, the last row first when growing: none is overwritten before it moved."""
+    (fit_ring), else into a new one. In place, the rows before `axis` (KV heads of keys, KV * hd rows of
+    values) move to their new offsets through a copy of the slots in use."""
     shape, have = a.shape, a.shape[axis]
     rows, inner = int(np.prod(shape[:axis])), int(np.prod(shape[axis + 1:]))
     new_shape = (*shape[:axis], want, *shape[axis + 1:])
@@ -262,13 +262,11 @@ def _regrow(a: np.ndarray, want: int, full: int, axis: int) -> np.ndarray:
         np.moveaxis(out, axis, 0)[:m] = np.moveaxis(a, axis, 0)[:m]
         return out
     keep = min(want, have) * inner
-    order = range(rows - 1, -1, -1) if want > have else range(rows)
-    for r in order:
-        base[r * want * inner:r * want * inner + keep] = base[r * have * inner:r * have * inner + keep].copy()
-    out = base[:rows * want * inner].reshape(new_shape)
-    if want > have:
-        out.reshape(rows, want * inner)[:, keep:] = 0.0
-    return out
+    kept = base[:rows * have * inner].reshape(rows, have * inner)[:, :keep].copy()  # one array's slots in use
+    out = base[:rows * want * inner].reshape(rows, want * inner)
+    out[:, :keep] = kept
+    out[:, keep:] = 0.0
+    return out.reshape(new_shape)
 
 
 def default_threads(threads: int | None = None) -> int:
