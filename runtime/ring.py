@@ -53,6 +53,29 @@ def frame(n: int, sinks: int, window: int) -> int:
 def plan_step(n_past: int, t: int, sinks: int, window: int) -> StepPlan:
     if t < 1 or t > window:
         raise ValueError(f"a step takes 1..{window} tokens, got {t}")
+    if t == 1 and n_past >= sinks:
+        return _decode_plan(n_past, sinks, window)
+    return _plan(n_past, t, sinks, window)
+
+
+def _decode_plan(n: int, sinks: int, window: int) -> StepPlan:
+    """plan_step(n, 1) once the sinks are in: every sink visible; every ring slot holding a token visible
+    but the one the new token is about to replace (it holds token n - W, just out of reach), or, while the
+    ring fills, the slots from the new token's on hold nothing. What _plan computes, in a few NumPy calls
+    instead of ~20 over W-long arrays (SmolLM2, decode after the graph has flushed the caches: 0.11 ->
+    0.02 ms a token)."""
+    m = n - sinks  # ring tokens seen
+    mask = np.zeros((1, sinks + window + 1), dtype=np.float32)
+    if m < window:
+        mask[0, sinks + m:sinks + window] = NEG_INF
+    else:
+        mask[0, sinks + m % window] = NEG_INF
+    return StepPlan(q_pos=np.array([n - frame(n, sinks, window)], np.int64),
+                    sink_q_pos=np.array([min(n, sinks + window - 1)], np.int64), attn_mask=mask,
+                    slots=np.array([sinks + m % window], np.int64))
+
+
+def _plan(n_past: int, t: int, sinks: int, window: int) -> StepPlan:
     S, W = sinks, window
     a = n_past + np.arange(t, dtype=np.int64)  # (T,) absolute index of each new token
     q_pos = a - frame(n_past, S, W)

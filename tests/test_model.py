@@ -142,6 +142,17 @@ def test_positions_stay_bounded():
     assert worst <= S + 2 * W + C - 3
 
 
+def test_decode_plan_is_the_general_plan():
+    from cortex_edge.runtime import ring
+
+    for S, W in ((4, 64), (0, 7), (3, 12)):
+        for n in list(range(0, S + 3 * W + 5)) + [10**6 + 1, 10**9 + 3]:
+            fast, general = ring.plan_step(n, 1, S, W), ring._plan(n, 1, S, W)
+            for f in ("q_pos", "sink_q_pos", "attn_mask", "slots"):
+                a, b = getattr(fast, f), getattr(general, f)
+                assert a.dtype == b.dtype and np.array_equal(a, b), (S, W, n, f)
+
+
 def test_split_pieces_never_cross_an_event():
     from cortex_edge.runtime import ring
 
