@@ -68,13 +68,14 @@ class Attention(nn.Module):
             self.qkv_proj.bias.copy_(torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]))
         del self.q_proj, self.k_proj, self.v_proj
 
-    def forward(self, x, q_rope, sink_rope, mask, past_k, past_v, n=None):
+    def forward(self, x, q_rope, sink_rope, mask, past_k, past_v, n):
         """past_k (B, KV, n, hd) holds keys already rotated (ring: in the current frame; sinks: at their own
         position); past_v (B, KV, hd, n) holds values transposed. Both caches are the left operand of their
         matmul, scores and probabilities are kept slots-by-queries: a one-token step is then a matrix times a
         few columns that streams the cache once, where q @ K^T and p @ V made onnxruntime pack (copy) the
         whole cache first (SmolLM2, 1,028 slots, 2 threads, profiled: 59 -> 36 and 62 -> 47 µs a layer).
-        n: past_k.shape[2], given by the caller so that the graph reads the ring's length once, not per layer.
+        n: past_k.shape[2] (S + W, or fewer slots while the ring is still filling), given by the caller so that
+        the graph reads the ring's length once, not per layer.
         Queries and keys are rotated together, and 1/sqrt(hd) is applied to each score matmul (onnxruntime
         folds it into the matmul): a one-token step's small operators cost microseconds each whatever their
         size, so the formulation keeps them few (SmolLM2's optimized graph: 2,191 -> 1,894). Every reshape
@@ -84,7 +85,6 @@ class Attention(nn.Module):
         B = graph_batch(x)
         H, KV, hd, S = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.sinks
         G = H // KV
-        n = past_k.shape[2] if n is None else n  # S + W, or fewer slots while the ring is still filling
         if self.qkv_proj is not None:
             qk, v = self.qkv_proj(x).split([(H + KV) * hd, KV * hd], dim=-1)
         else:
@@ -142,7 +142,7 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, q_rope, sink_rope, mask, past_k, past_v, n=None):
+    def forward(self, x, q_rope, sink_rope, mask, past_k, past_v, n):
         a, k, v = self.self_attn(self.input_layernorm(x), q_rope, sink_rope, mask, past_k, past_v, n)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), k, v
