@@ -61,7 +61,9 @@ class _ExportedRope(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, pos, cos_t, sin_t):
-        return g.op("com.microsoft::RotaryEmbedding", x, pos, cos_t, sin_t, interleaved_i=0)
+        out = g.op("com.microsoft::RotaryEmbedding", x, pos, cos_t, sin_t, interleaved_i=0)
+        out.setType(x.type())  # same shape and type as x (the exporter cannot infer a contrib op's)
+        return out
 
 
 def rope_at(pos: torch.Tensor, head_dim: int, theta: float, max_pos: int):
