@@ -50,6 +50,12 @@ def frame(n: int, sinks: int, window: int) -> int:
     return max(0, n - (sinks + window - 1)) // window * window
 
 
+def max_position(sinks: int, window: int) -> int:
+    """The largest rotary position any step uses: S + 2W + T - 3 (module docstring) with T <= W (plan_step).
+    The exported graph's RoPE tables stop here (lm.py ropes_at)."""
+    return sinks + 3 * window - 3
+
+
 def plan_step(n_past: int, t: int, sinks: int, window: int) -> StepPlan:
     if t < 1 or t > window:
         raise ValueError(f"a step takes 1..{window} tokens, got {t}")

@@ -43,9 +43,9 @@ def test_graphs_fresh_random_inputs(tiny, bundle_fp32):
 
 
 def test_graph_at_the_largest_rotary_position(tiny, bundle_fp32):
-    """The exported rotation reads cos/sin tables (lm.rope_at, positions 0..S + 3W - 1): a W-token step just
-    before the frame moves reaches the largest position a stream can, S + 2W + T - 3 (runtime/ring.py), and
-    still matches torch."""
+    """The exported rotation reads cos/sin tables (lm.ropes_at, positions 0..ring.max_position): a W-token step
+    just before the frame moves reaches the largest position a stream can, S + 2W + T - 3 (runtime/ring.py),
+    and still matches torch."""
     import onnxruntime as ort
 
     from cortex_edge.export.onnx_export import GraphModule, example_inputs, run_torch
@@ -55,7 +55,7 @@ def test_graph_at_the_largest_rotary_position(tiny, bundle_fp32):
     cfg = model.cfg
     S, W = cfg.sinks, cfg.window
     n_past = S + 2 * W - 2  # the frame is still 0 here and moves at the next token
-    assert ring.plan_step(n_past, W, S, W).q_pos.max() == S + 3 * W - 3
+    assert ring.plan_step(n_past, W, S, W).q_pos.max() == S + 3 * W - 3 == ring.max_position(S, W)
     sess = ort.InferenceSession(str(bundle_fp32 / contract.GRAPH), providers=["CPUExecutionProvider"])
     feed = example_inputs(cfg, W, n_past, seed=5)
     for got, ref in zip(sess.run(contract.output_names(cfg.n_layers), feed), run_torch(GraphModule(model), feed)):

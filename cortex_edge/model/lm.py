@@ -29,20 +29,19 @@ def rope_cos_sin(pos: torch.Tensor, head_dim: int, theta: float):
     return ang.cos(), ang.sin()
 
 
-def rotate_half(x: torch.Tensor, h: int | None = None) -> torch.Tensor:
-    """h: half the head size as a constant (the graph then splits by constant sizes, no shape arithmetic)."""
-    h = x.shape[-1] // 2 if h is None else h
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
     x1, x2 = x.split([h, h], dim=-1)
     return torch.cat([-x2, x1], dim=-1)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, half: torch.Tensor | None = None) -> torch.Tensor:
-    """RoPE in HF's layout; half = rotate_half(x) when the caller rotates x twice."""
-    return x * cos + (rotate_half(x) if half is None else half) * sin
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE in HF's layout (the exported graph uses onnxruntime's kernel instead: _ExportedRope)."""
+    return x * cos + rotate_half(x) * sin
 
 
 class RopeTables(NamedTuple):
-    """The rotation while exporting: positions (1, T) into cos/sin tables (max_pos, hd/2) over 0..max_pos - 1,
+    """The rotation while exporting: positions (1, T) into cos/sin tables (P, hd/2) over positions 0..P - 1,
     holding exactly rope_cos_sin's fp32 values."""
     pos: torch.Tensor
     cos: torch.Tensor
@@ -66,21 +65,23 @@ class _ExportedRope(torch.autograd.Function):
         return out
 
 
-def rope_at(pos: torch.Tensor, head_dim: int, theta: float, max_pos: int):
-    """The rotation at positions pos (T,): cos, sin (T, hd) for rotate(); while exporting, RopeTables over
-    positions 0..max_pos - 1 (the graph then holds the tables, not the trigonometry)."""
+def ropes_at(positions: list[torch.Tensor], head_dim: int, theta: float, max_pos: int) -> list:
+    """The rotation at each positions tensor (T,): cos, sin (T, hd) for rotate(); while exporting, RopeTables
+    sharing one pair of tables over positions 0..max_pos (the graph then holds the tables, not the
+    trigonometry; onnxruntime refuses a position beyond them)."""
     if not torch.onnx.is_in_onnx_export():
-        return rope_cos_sin(pos, head_dim, theta)
-    cos, sin = rope_cos_sin(torch.arange(max_pos), head_dim, theta)
+        return [rope_cos_sin(pos, head_dim, theta) for pos in positions]
+    cos, sin = rope_cos_sin(torch.arange(max_pos + 1), head_dim, theta)
     h = head_dim // 2
-    return RopeTables(pos.unsqueeze(0), cos[:, :h].contiguous(), sin[:, :h].contiguous())
+    cos, sin = cos[:, :h].contiguous(), sin[:, :h].contiguous()
+    return [RopeTables(pos.unsqueeze(0), cos, sin) for pos in positions]
 
 
-def apply_rope(x: torch.Tensor, rope, half: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., T, hd) rotated by rope_at's rotation; half = rotate_half(x) when the caller has it."""
+def apply_rope(x: torch.Tensor, rope) -> torch.Tensor:
+    """x (..., T, hd) rotated by one of ropes_at's rotations."""
     if isinstance(rope, RopeTables):
         return _ExportedRope.apply(x, *rope)
-    return rotate(x, *rope, half)
+    return rotate(x, *rope)
 
 
 def graph_batch(x: torch.Tensor) -> int:
@@ -119,7 +120,7 @@ class Attention(nn.Module):
         whole cache first (SmolLM2, 1,028 slots, 2 threads, profiled: 59 -> 36 and 62 -> 47 µs a layer).
         n: past_k.shape[2] (S + W, or fewer slots while the ring is still filling), given by the caller so that
         the graph reads the ring's length once, not per layer.
-        q_rope, sink_rope: rope_at's rotations at the queries' positions and at their sink positions.
+        q_rope, sink_rope: ropes_at's rotations at the queries' positions and at their sink positions.
         Queries and keys are rotated together (one RotaryEmbedding kernel in the graph), and 1/sqrt(hd) is
         applied to each score matmul (onnxruntime folds it into the matmul): a one-token step's small operators
         cost microseconds each whatever their size, so the formulation keeps them few (SmolLM2's optimized
@@ -136,15 +137,14 @@ class Attention(nn.Module):
             qk, v = torch.cat([self.q_proj(x), self.k_proj(x)], dim=-1), self.v_proj(x)
         qk = qk.view(B, -1, H + KV, hd).transpose(1, 2)  # (B, H + KV, T, hd): the query heads, then the key heads
         v = v.view(B, -1, KV, hd).permute(0, 2, 3, 1)  # (B, KV, hd, T)
-        half = None if isinstance(q_rope, RopeTables) else rotate_half(qk, hd // 2)
-        q, k = apply_rope(qk, q_rope, half).split([H, KV], dim=1)  # k (B, KV, T, hd) rotated: goes to the ring as is
+        q, k = apply_rope(qk, q_rope).split([H, KV], dim=1)  # k (B, KV, T, hd) rotated: goes to the ring as is
         # head h = kv * G + g uses kv head h // G (HF repeat_kv): columns g * T + t of (B, KV, hd, G * T)
         q = q.reshape(B, KV, -1, hd).transpose(-1, -2)  # (B, KV, hd, G*T)
         scale = 1.0 / math.sqrt(hd)
         s_past = torch.matmul(past_k, q) * scale  # (B, KV, n, G*T)
         s_new = torch.matmul(k, q) * scale  # (B, KV, T, G*T)
         if S:  # the sinks, seen from each query's own sink position
-            qs = apply_rope(qk[:, :H], sink_rope, None if half is None else half[:, :H])
+            qs = apply_rope(qk[:, :H], sink_rope)
             qs = qs.reshape(B, KV, -1, hd).transpose(-1, -2)
             s_sink = torch.matmul(past_k[:, :, :S], qs) * scale  # (B, KV, S, G*T)
             parts = [s_sink, s_past[:, :, S:], s_new]
@@ -242,9 +242,8 @@ class CortexLM(nn.Module):
         Returns logits (B, T, V), new keys (rotated at q_pos) (B, KV, T, hd) and values (B, KV, hd, T), as the
         caches hold them, and write_feat (B, T, d_z)."""
         cfg = self.cfg
-        max_pos = cfg.sinks + 3 * cfg.window  # > S + 2W + T - 3, the largest position used (runtime/ring.py)
-        q_rope = rope_at(q_pos, cfg.head_dim, cfg.rope_theta, max_pos)
-        sink_rope = rope_at(sink_q_pos, cfg.head_dim, cfg.rope_theta, max_pos)
+        q_rope, sink_rope = ropes_at([q_pos, sink_q_pos], cfg.head_dim, cfg.rope_theta,
+                                     ring.max_position(cfg.sinks, cfg.window))
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         new_k, new_v, feat, stats = [], [], None, None
         n = past_keys[0].shape[2]  # ring slots, read once for every layer
