@@ -51,7 +51,7 @@ class RopeTables(NamedTuple):
 class _ExportedRope(torch.autograd.Function):
     """rotate() from RopeTables, exported as onnxruntime's RotaryEmbedding (HF half-split layout): one kernel
     where rotate() is six elementwise operators (Split, Neg, Concat, Mul, Mul, Add); SmolLM2's graph 1,894 ->
-    1,704 operators. Export only (no backward): training and the reference run rotate() itself."""
+    1,674 operators. Export only (no backward): training and the reference run rotate() itself."""
 
     @staticmethod
     def forward(ctx, x, pos, cos_t, sin_t):
@@ -124,7 +124,7 @@ class Attention(nn.Module):
         Queries and keys are rotated together (one RotaryEmbedding kernel in the graph), and 1/sqrt(hd) is
         applied to each score matmul (onnxruntime folds it into the matmul): a one-token step's small operators
         cost microseconds each whatever their size, so the formulation keeps them few (SmolLM2's optimized
-        graph: 2,191 -> 1,894 -> 1,704). Every reshape
+        graph: 2,191 -> 1,894 -> 1,674). Every reshape
         has one free (-1) axis, the new tokens', so the exported graph does no shape arithmetic.
         Returns the output, the new keys (B, KV, T, hd) and the new values (B, KV, hd, T), in cache layout."""
         cfg = self.cfg
