@@ -130,6 +130,9 @@ def _engine(bundle: str | None, threads: int | None):
     from cortex_edge.runtime.bundle import load_bundle
     from cortex_edge.runtime.engine import Engine
 
+    cores = os.cpu_count() or 1
+    if threads and threads > cores:
+        click.echo(f"note: --threads {threads}: this machine has {cores} cores; using {cores}", err=True)
     if bundle is None:
         from cortex_edge.default_bundle import default_bundle
 
@@ -137,79 +140,164 @@ def _engine(bundle: str | None, threads: int | None):
     return Engine(load_bundle(bundle), threads=threads)
 
 
+THREADS_HELP = "onnxruntime threads [default: up to 4 cores; never more than this machine's cores]"
+REPL_HELP = """commands:
+  /help    this list
+  /stats   the last turn's speed, what the session remembers, memory use (/stats json: as JSON)
+  /reset   forget everything: a new, empty conversation (saved to the session)
+  /quit    leave (also Ctrl-D); Ctrl-C during an answer drops that turn, at the prompt it leaves
+  \"\"\"      on a line of its own: start or end a multi-line message"""
+
+
+def _stats(c, engine, as_json: bool) -> str:
+    import psutil
+
+    s = c.last
+    cfg = engine.cfg
+    info = {"tokens_remembered": c.state.n, "window_tokens": min(c.state.n, cfg.sinks + cfg.window),
+            "window_capacity": cfg.sinks + cfg.window, "memory_events": c.state.events, "turns": c.turns,
+            "state_bytes_per_level": engine.state_bytes(c.state), "rss_bytes": psutil.Process().memory_info().rss,
+            "last_turn": {"prompt_tokens": s.prompt_tokens, "new_tokens": s.new_tokens,
+                          "prefill_s": round(s.prefill_s, 4),
+                          "decode_tokens_per_s": round(s.new_tokens / s.decode_s, 2) if s.decode_s else None}}
+    if as_json:
+        return json.dumps(info, indent=1)
+    lt = info["last_turn"]
+    speed = f"{lt['decode_tokens_per_s']:.1f} tok/s" if lt["decode_tokens_per_s"] else "-"
+    return "\n".join([
+        f"remembered   {info['tokens_remembered']:,} tokens in {info['turns']} turns; attention window "
+        f"{info['window_tokens']:,} / {info['window_capacity']:,} tokens; {info['memory_events']:,} memory events",
+        f"memory state {sum(info['state_bytes_per_level']) / 1024:.0f} KiB ("
+        + ", ".join(f"L{i} {b / 1024:.0f}" for i, b in enumerate(info["state_bytes_per_level"])) + ")",
+        f"last turn    {lt['prompt_tokens']} prompt tokens in {lt['prefill_s']:.2f} s; {lt['new_tokens']} new "
+        f"tokens at {speed}",
+        f"process RSS  {info['rss_bytes'] / 2**20:.0f} MiB"])
+
+
 @cli.command()
 @click.argument("bundle", required=False, type=click.Path())
 @click.option("--session", "session", default="default", show_default=True,
-              help="name of the durable session (memory kept across restarts)")
+              help="name of the durable session (memory kept across restarts, in "
+              "$CORTEX_EDGE_HOME/sessions or ~/.local/share/cortex-edge/sessions)")
 @click.option("--no-session", is_flag=True, help="do not load or save any session")
+@click.option("--new-session", is_flag=True, help="start the named session afresh (what it held is replaced at the "
+              "first save): for a session made with another bundle or version")
 @click.option("--prompt", default=None, help="one turn, then exit (for scripts)")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.7, show_default=True)
-@click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True)
-@click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=0.95, show_default=True)
-@click.option("--seed", type=int, default=None)
-@click.option("--threads", type=click.IntRange(min=1), default=None)
+@click.option("--system", default=None, help="system message for a new conversation (default: the template's own)")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True,
+              help="most tokens an answer may have")
+@click.option("--temperature", type=float, default=0.7, show_default=True, help="0: greedy")
+@click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True, help="0: no limit")
+@click.option("--top-p", type=float, default=0.95, show_default=True, help="in (0, 1]")
+@click.option("--seed", type=click.IntRange(min=0, max=2**63 - 1), default=None, help="sampling seed [default: random]")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help=THREADS_HELP)
 @click.option("--ignore-eos", is_flag=True, help="keep generating through end-of-turn tokens (benchmarks, tests)")
-def chat(bundle, session, no_session, prompt, max_new_tokens, temperature, top_k, top_p, seed, threads, ignore_eos):
-    """Chat with BUNDLE. REPL commands: /reset /stats /quit."""
+def chat(bundle, session, no_session, new_session, prompt, system, max_new_tokens, temperature, top_k, top_p, seed,
+         threads, ignore_eos):
+    """Chat with BUNDLE (optional: without it, the default model SmolLM2-135M-Instruct, exported once into
+    a cache on first use). Type /help in the chat for its commands."""
     from cortex_edge.runtime import session as sess
     from cortex_edge.runtime.chat import Chat
+    from cortex_edge.runtime.errors import CortexError
     from cortex_edge.runtime.sampling import Sampling
 
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    engine = _engine(bundle, threads)
+    try:
+        sampling.validate()
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    if prompt is None and (sys.stdin is None or sys.stdin.closed):
+        _fail("standard input is closed: give --prompt TEXT, or run chat in a terminal")
+    if no_session and new_session:
+        raise click.BadParameter("--new-session and --no-session exclude each other")
     path = None if no_session else sess.session_path(session)
-    state, turns = None, 0
+    engine = _engine(bundle, threads)
+    held = None
     if path is not None:
+        held = sess.SessionFile(path, on_wait=lambda: click.echo(
+            f"waiting for session {session}: another cortex-edge is using it", err=True))
+    try:
+        _chat(engine, held, session, new_session, prompt, system, sampling, max_new_tokens, ignore_eos,
+              Chat, sess, CortexError)
+    finally:
+        if held is not None:
+            held.close()
+
+
+def _chat(engine, held, session, new_session, prompt, system, sampling, max_new_tokens, ignore_eos,
+          Chat, sess, CortexError):
+    state, turns = None, 0
+    if held is not None and not new_session:
         try:
-            state, extra, which = sess.load(path, engine)
-            turns = int(extra.get("turns", 0))
+            state, extra, which = held.load(engine)
+            turns = int(extra.get("turns", 0)) if isinstance(extra.get("turns", 0), int) else 0
             if which == "backup":
                 click.echo(f"warning: session {session} was damaged; restored its previous version", err=True)
         except FileNotFoundError:
             pass
-    c = Chat(engine, state, turns)
+        except sess.SessionError as e:
+            raise sess.SessionError(f"session {session}: {e}; start it afresh with --new-session, or use another "
+                                    "--session name") from None
+    c = Chat(engine, state, turns, system=system)
     if ignore_eos:
         c.stop_ids = set()
+    out = {"open": True}
+
+    def emit(text: str, nl: bool = False) -> None:
+        if not out["open"]:
+            return
+        try:
+            click.echo(text, nl=nl)
+            sys.stdout.flush()
+        except BrokenPipeError:  # the reader left (e.g. | head): stop the answer here, keep the turn
+            out["open"] = False
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
 
     def one_turn(text: str) -> None:
-        for delta in c.turn(text, sampling, max_new_tokens):
-            click.echo(delta, nl=False)
-        click.echo()
-        if path is not None:
-            sess.save(path, engine, c.state, {"turns": c.turns})
+        for delta in c.turn(text, sampling, max_new_tokens, should_stop=lambda: not out["open"]):
+            emit(delta)
+        emit("", nl=True)
+        if held is not None:
+            held.save(engine, c.state, {"turns": c.turns})
 
     if prompt is not None:
         one_turn(prompt)
         return
-    click.echo(f"cortex-edge chat: {engine.bundle.path} (session: {'none' if path is None else session}, "
-               f"{c.state.n} tokens remembered). /reset /stats /quit", err=True)
-    while True:
+    click.echo(f"cortex-edge chat: {engine.bundle.path} (session: {'none' if held is None else session}, "
+               f"{c.state.n} tokens remembered). /help for commands", err=True)
+    while out["open"]:
         try:
             line = input("> ")
+            if line.strip() == '"""':  # multi-line message until a closing line of its own
+                lines = []
+                while (nxt := input(". ")).strip() != '"""':
+                    lines.append(nxt)
+                line = "\n".join(lines)
         except EOFError:
             click.echo()
             return
         except KeyboardInterrupt:
             click.echo()
-            return
+            sys.exit(130)
         cmd = line.strip()
-        if cmd in ("/quit", "/exit"):
+        if cmd in ("/quit", "/exit", "/bye"):
             return
+        if cmd in ("/help", "/?"):
+            click.echo(REPL_HELP, err=True)
+            continue
         if cmd == "/reset":
             c.reset()
-            if path is not None:
-                sess.save(path, engine, c.state, {"turns": 0})
+            if held is not None:
+                held.save(engine, c.state, {"turns": 0})
             click.echo("(memory cleared)", err=True)
             continue
-        if cmd == "/stats":
-            s = c.last
-            click.echo(json.dumps({"tokens_remembered": c.state.n, "memory_events": c.state.events,
-                                   "turns": c.turns, "state_bytes_per_level": engine.state_bytes(c.state),
-                                   "last_turn": {"prompt_tokens": s.prompt_tokens, "new_tokens": s.new_tokens,
-                                                 "prefill_s": round(s.prefill_s, 4),
-                                                 "decode_ms_per_token": round(1e3 * s.decode_s / max(1, s.new_tokens), 2)}},
-                                  indent=1), err=True)
+        if cmd in ("/stats", "/stats json"):
+            click.echo(_stats(c, engine, cmd.endswith("json")), err=True)
+            continue
+        if cmd.startswith("/") and " " not in cmd:
+            click.echo(f"unknown command {cmd}: /help lists them (a message starting with / : put a space first)",
+                       err=True)
             continue
         if not cmd:
             continue
@@ -219,13 +307,8 @@ def chat(bundle, session, no_session, prompt, max_new_tokens, temperature, top_k
             click.echo("\n(interrupted: this turn was not kept)", err=True)
         except sess.SessionError:
             raise
-        except Exception as e:
-            from cortex_edge.runtime.errors import CortexError
-
-            if isinstance(e, CortexError):
-                click.echo(f"error: {e}", err=True)
-            else:
-                raise
+        except CortexError as e:
+            click.echo(f"error: {e}", err=True)
 
 
 @cli.command()
@@ -233,7 +316,7 @@ def chat(bundle, session, no_session, prompt, max_new_tokens, temperature, top_k
 @click.option("--context", "context", default="0,512,4k", show_default=True,
               help="history lengths to measure at, e.g. 1k,16k,256k,1m")
 @click.option("--new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=None)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help=THREADS_HELP)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="write the report here")
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False), default=None,
               help="PNG of latency and RSS against history (needs matplotlib)")
@@ -245,6 +328,10 @@ def bench(bundle, context, new_tokens, threads, json_out, plot_out, profile):
     from cortex_edge.runtime.engine import default_threads
 
     contexts = _contexts(context)
+    if plot_out:
+        from cortex_edge.runtime.bench import check_plot
+
+        check_plot()  # before the run, not after it
     # bandwidth before the session exists: the probe's buffers and the weights never coexist in the peak RSS
     bw = None if profile else b.read_bandwidth_gbps(default_threads(threads))
     engine = _engine(bundle, threads)
@@ -344,10 +431,17 @@ def info(bundle):
     click.echo(f"memory      levels {list(zip(c.cms.slots, c.cms.widths))} d_k {c.cms.key_dim}, event every "
                f"{c.cms.chunk} tokens, write_every {list(c.cms.write_every)}, addressing {c.cms.addressing}")
     click.echo(f"formats     weights {b.weights}, state {b.state_format}")
-    v = m.get("validation", {}).get("stream")
-    if v:
+    # the validation section is the exporter's report, outside the fingerprint: shown only when well-formed
+    val = m.get("validation")
+    v = val.get("stream") if isinstance(val, dict) else None
+    fields = ("tokens", "events", "top1_agreement", "mean_kl", "logits_max_abs_diff")
+    if isinstance(v, dict) and all(isinstance(v.get(k), (int, float)) and not isinstance(v.get(k), bool)
+                                   for k in fields):
         click.echo(f"validation  {v['tokens']} tokens, {v['events']} events: top-1 {v['top1_agreement']:.3f}, "
-                   f"KL {v['mean_kl']:.2e}, max |dlogit| {v['logits_max_abs_diff']:.2e}")
+                   f"KL {v['mean_kl']:.2e}, max |dlogit| {v['logits_max_abs_diff']:.2e} (export's report, "
+                   "not covered by the checksums)")
+    elif val is not None:
+        click.echo("validation  (section malformed or incomplete: not shown)")
     for name, f in sorted(m["files"].items()):
         click.echo(f"  {name:<24} {f['bytes']:>12,} B  sha256 {f['sha256'][:16]}…")
 
@@ -377,10 +471,12 @@ def main(argv=None) -> None:
         sys.exit(130)
     except CortexError as e:
         _fail(str(e))
-    except (FileExistsError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
-        _fail(f"{e.strerror or e}: {e.filename}" if getattr(e, "filename", None) else str(e))
-    except BrokenPipeError:
+    except BrokenPipeError:  # stdout closed (e.g. | head) outside a chat turn: nothing left to say
         os._exit(0)
+    except OSError as e:  # FileExistsError, PermissionError, a full disk, a read-only filesystem, ...
+        _fail(f"{e.strerror or e}: {e.filename}" if getattr(e, "filename", None) else str(e))
+    except RecursionError:
+        _fail("input nested too deeply")
     except ValueError as e:
         if os.environ.get("CORTEX_EDGE_DEBUG"):
             raise

@@ -50,8 +50,13 @@ def default_bundle() -> Path:
                           "--out bundle/, copy bundle/ here and run cortex-edge chat bundle/") from None
     import sys
 
+    from filelock import FileLock
+
     from cortex_edge.export.pipeline import export_model
 
-    print(f"first run: exporting {DEFAULT_SOURCE} into {path} (once)", file=sys.stderr)
-    export_model(DEFAULT_SOURCE, path, force=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):  # two first runs at once: one exports, the other waits for it
+        if not (path / contract.MANIFEST).is_file():
+            print(f"first run: exporting {DEFAULT_SOURCE} into {path} (once)", file=sys.stderr)
+            export_model(DEFAULT_SOURCE, path, force=True)
     return path

@@ -7,7 +7,7 @@ export never leaves half a bundle behind. What this leaves out: model loading (b
 from __future__ import annotations
 
 import json
-import shutil
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -47,6 +47,38 @@ class _Progress:
             self.bar.close()
 
 
+def check_replaceable(out: Path) -> None:
+    """--force replaces a bundle folder or an empty one, never anything else (a user's folder of files)."""
+    if out.is_symlink() or not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder: --force replaces only a bundle folder")
+    names = {p.name for p in out.iterdir()}
+    if not names:
+        return
+    try:
+        manifest = json.loads((out / contract.MANIFEST).read_text())
+        is_bundle = isinstance(manifest, dict) and manifest.get("format") == contract.BUNDLE_FORMAT
+        listed = set(manifest.get("files", {})) | {contract.MANIFEST} if is_bundle else set()
+    except (OSError, ValueError, AttributeError, RecursionError):
+        is_bundle, listed = False, set()
+    if not is_bundle:
+        raise FileExistsError(f"{out} is not a cortex-edge bundle: --force replaces only a bundle folder (or an "
+                              "empty one); choose another --out")
+    extra = sorted(names - listed)
+    if extra:
+        raise FileExistsError(f"{out} holds files that are not part of its bundle ({', '.join(extra[:3])}): "
+                              "--force will not delete them; choose another --out")
+
+
+def _readable(folder: Path) -> None:
+    """The bundle as the user's umask makes new files (tempfile makes 0700 folders and safetensors 0600 files):
+    a bundle copied to, or shared with, another user must still load."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for f in folder.iterdir():
+        f.chmod(0o666 & ~umask)
+
+
 def write_bundle(model: CortexLM, tokenizer, tok_meta: dict, out: Path, weights: str = contract.DEFAULT_WEIGHTS,
                  state: str = contract.DEFAULT_STATE, source: str = "", force: bool = False,
                  quiet: bool = False) -> dict:
@@ -55,8 +87,10 @@ def write_bundle(model: CortexLM, tokenizer, tok_meta: dict, out: Path, weights:
     if state not in contract.STATE_FORMATS:
         raise ValueError(f"unknown state format {state!r}")
     out = Path(out)
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} already exists (pass --force to replace it)")
+    if os.path.lexists(out):
+        if not force:
+            raise FileExistsError(f"{out} already exists (pass --force to replace it)")
+        check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     cfg = model.cfg
@@ -101,8 +135,11 @@ def write_bundle(model: CortexLM, tokenizer, tok_meta: dict, out: Path, weights:
             validate.check_exact(stream)
         manifest["validation"] = {"graphs": graphs, "stream": stream, "seconds": round(time.time() - t0, 1)}
         (bdir / contract.MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
+        _readable(bdir)
+        if os.path.lexists(out):
+            check_replaceable(out)  # again: it may have changed during the export
+            old = tmp / "replaced"
+            out.rename(old)  # out is swapped in one rename; the old bundle goes with the temporary folder
         bdir.rename(out)
     progress.close()
     return manifest

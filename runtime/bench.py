@@ -232,16 +232,22 @@ def run(engine: Engine, contexts: list[int], new_tokens: int, show_progress: boo
     return out
 
 
-def plot(report: dict, path: str) -> None:
-    try:
-        import matplotlib
+def check_plot() -> None:
+    """Raise CortexError now if plot() could not run (matplotlib missing)."""
+    import importlib.util
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if importlib.util.find_spec("matplotlib") is None:
         from cortex_edge.runtime.errors import CortexError
 
-        raise CortexError("--plot needs matplotlib: pip install 'cortex-edge[plot]'") from None
+        raise CortexError("--plot needs matplotlib: pip install 'cortex-edge[plot]'")
+
+
+def plot(report: dict, path: str) -> None:
+    check_plot()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     ctx = [r["context"] for r in report["results"]]
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
     ax[0].plot(ctx, [r["decode_ms_p50"] for r in report["results"]], "o-", label="p50")

@@ -20,12 +20,23 @@ MAX_MANIFEST_BYTES = 16 << 20
 REQUIRED_FILES = (contract.GRAPH, contract.TOKENIZER, contract.CMS_WRITE_WEIGHTS)
 
 
-def sha256_file(path: Path) -> str:
+# An ONNX TensorProto whose data lives in another file names it in an external_data entry keyed
+# "location" (StringStringEntryProto field 1: tag 0x0a, length 8). The runtime reads only files the
+# manifest lists and verifies, and the exporter writes self-contained graphs, so a graph naming one is refused.
+EXTERNAL_DATA_MARK = b"\x0a\x08location"
+
+
+def sha256_file(path: Path, find: bytes | None = None) -> str | tuple[str, bool]:
+    """sha256 of a file; with find, also whether those bytes occur in it (same single pass)."""
     h = hashlib.sha256()
+    found, tail = False, b""
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    return h.hexdigest()
+            if find is not None and not found:
+                found = find in tail + block
+                tail = block[-len(find):]
+    return (h.hexdigest(), found) if find is not None else h.hexdigest()
 
 
 def safe_join(root: Path, name: Any) -> Path:
@@ -59,7 +70,14 @@ class Bundle:
     def fingerprint(self) -> str:
         return self.manifest["fingerprint"]
 
+    @property
+    def tokenizer_file(self) -> str:
+        return self.manifest["tokenizer"].get("file", contract.TOKENIZER)
+
     def file(self, name: str) -> Path:
+        """A file the runtime reads: only those the manifest lists (and load_bundle verified)."""
+        if name not in self.manifest["files"]:
+            raise BundleError(f"bundle file {name!r} is not in the manifest's checksummed file list")
         return safe_join(self.path, name)
 
 
@@ -73,6 +91,8 @@ def read_manifest(path: Path) -> dict:
         raise BundleError(f"manifest too large: {mpath}")
     try:
         manifest = json.loads(mpath.read_bytes().decode("utf-8"))
+    except RecursionError:
+        raise BundleError(f"manifest is nested too deeply: {mpath}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BundleError(f"manifest is not valid JSON: {mpath} ({e.__class__.__name__})") from None
     if not isinstance(manifest, dict):
@@ -104,6 +124,11 @@ def check_manifest(manifest: dict) -> ModelConfig:
     tok = manifest.get("tokenizer")
     if not isinstance(tok, dict) or not isinstance(tok.get("stop_ids", []), list):
         raise BundleError("manifest has no valid tokenizer section")
+    tfile = tok.get("file", contract.TOKENIZER)
+    if not isinstance(tfile, str) or tfile not in files:
+        raise BundleError(f"manifest's tokenizer file {tfile!r} is not in its checksummed file list")
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in tok.get("stop_ids", [])):
+        raise BundleError("manifest's tokenizer stop_ids must be integers")
     model = manifest.get("model")
     if not isinstance(model, dict):
         raise BundleError("manifest has no model section")
@@ -121,14 +146,21 @@ def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
         full = safe_join(root, name)
         if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str):
             raise BundleError(f"manifest entry for {name} has no sha256")
+        if not isinstance(meta.get("bytes"), int) or isinstance(meta.get("bytes"), bool) or meta["bytes"] < 0:
+            raise BundleError(f"manifest entry for {name} has no valid byte count")
         if not full.is_file():
             raise BundleError(f"bundle file missing: {name}")
         if verify:
-            if isinstance(meta.get("bytes"), int) and full.stat().st_size != meta["bytes"]:
+            if full.stat().st_size != meta["bytes"]:
                 raise BundleError(f"bundle file {name} has {full.stat().st_size} bytes, manifest says "
                                   f"{meta['bytes']} (truncated or replaced)")
-            if sha256_file(full) != meta["sha256"]:
-                raise BundleError(f"checksum mismatch for bundle file {name} (corrupted or tampered)")
+            digest, external = sha256_file(full, EXTERNAL_DATA_MARK) if name == contract.GRAPH else \
+                (sha256_file(full), False)
+            if digest != meta["sha256"]:
+                raise BundleError(f"checksum mismatch for bundle file {name} (damaged or replaced)")
+            if name == contract.GRAPH and external:
+                raise BundleError(f"{name} refers to external data files: this runtime reads only self-contained "
+                                  "graphs (every file it reads is listed and verified)")
     expect = fingerprint(manifest["files"], manifest["model"]["config"], manifest["weights"], manifest["state"],
                          manifest["tokenizer"])
     if manifest["fingerprint"] != expect:

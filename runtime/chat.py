@@ -49,12 +49,16 @@ class TurnStats:
 
 
 class Chat:
-    def __init__(self, engine: Engine, state: State | None = None, turns: int = 0):
+    def __init__(self, engine: Engine, state: State | None = None, turns: int = 0, system: str | None = None):
         self.engine = engine
         b = engine.bundle
         tok_meta = b.manifest["tokenizer"]
-        self.tok = load_tokenizer(b.file(tok_meta.get("file", "tokenizer.json")))
+        path = b.file(b.tokenizer_file)
+        self.tok = load_tokenizer(path)  # the template's text: special tokens matched
+        self.plain = load_tokenizer(path)  # message content: special tokens never matched
+        self.plain.encode_special_tokens = True
         self.fmt = ChatFormat(tok_meta.get("chat_template", ""), tok_meta.get("bos", "") or "")
+        self.system = None if system is None else clean_prompt(system)
         self.stop_ids = {int(i) for i in tok_meta.get("stop_ids", [])}
         self.state = state if state is not None else engine.new_state()
         self.turns = turns
@@ -65,15 +69,23 @@ class Chat:
         self.turns = 0
 
     def encode(self, text: str) -> list[int]:
+        """The template's own text (its markers become control tokens)."""
         return self.tok.encode(text, add_special_tokens=False).ids
 
-    def turn(self, user: str, sampling: Sampling, max_new_tokens: int = 256) -> Iterator[str]:
-        """Yields text deltas; commits the new state when the generator finishes."""
+    def encode_segments(self, segs) -> list[int]:
+        ids: list[int] = []
+        for text, is_content in segs:
+            ids += (self.plain if is_content else self.tok).encode(text, add_special_tokens=False).ids
+        return ids
+
+    def turn(self, user: str, sampling: Sampling, max_new_tokens: int = 256, should_stop=None) -> Iterator[str]:
+        """Yields text deltas; commits the new state when the generator finishes. should_stop() true ends the
+        answer where it is (as max_new_tokens does), and the turn is still committed."""
         import time
 
         user = clean_prompt(user)
-        text = self.fmt.first_turn(user) if self.state.n == 0 else self.fmt.next_turn(user)
-        ids = self.encode(text)
+        segs = self.fmt.first_turn(user, self.system) if self.state.n == 0 else self.fmt.next_turn(user)
+        ids = self.encode_segments(segs)
         st = self.state.copy()
         rng = np.random.default_rng(sampling.seed)
         stats = TurnStats(prompt_tokens=len(ids))
@@ -84,6 +96,8 @@ class Chat:
         stopped = False
         t0 = time.perf_counter()
         for _ in range(max_new_tokens):
+            if should_stop is not None and should_stop():
+                break
             tok = sample(logits, sampling, rng)
             logits = self.engine.feed(st, [tok])
             stats.new_tokens += 1
@@ -93,6 +107,9 @@ class Chat:
             delta = dec.push(tok)
             if delta:
                 yield delta
+        delta = dec.flush()
+        if delta:
+            yield delta
         stats.decode_s = time.perf_counter() - t0
         suffix = self.fmt.assistant_suffix()
         if stopped:  # the stop token was generated and fed; feed what the template puts after it

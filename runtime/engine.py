@@ -270,8 +270,9 @@ def _regrow(a: np.ndarray, want: int, full: int, axis: int) -> np.ndarray:
 
 
 def default_threads(threads: int | None = None) -> int:
-    """threads, or up to 4 cores (the Pi 5 has 4)."""
-    return int(threads or min(4, os.cpu_count() or 1))
+    """threads (at most the machine's cores: more only contend), or up to 4 cores (the Pi 5 has 4)."""
+    cores = os.cpu_count() or 1
+    return int(min(threads, cores) if threads else min(4, cores))
 
 
 def session_options(threads: int | None) -> ort.SessionOptions:

@@ -69,7 +69,7 @@ def run(engine: Engine, lengths: list[int], samples: int, memory_modes=(True, Fa
     The sidecar-off ablation never touches the memory, so it runs once per length whatever the state formats."""
     from cortex_edge.runtime.text import load_tokenizer
 
-    tok = load_tokenizer(engine.bundle.file(engine.bundle.manifest["tokenizer"].get("file", "tokenizer.json")))
+    tok = load_tokenizer(engine.bundle.file(engine.bundle.tokenizer_file))
 
     def encode(s):
         return tok.encode(s, add_special_tokens=False).ids

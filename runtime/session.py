@@ -1,21 +1,28 @@
-"""Durable sessions: the whole runtime state in one safetensors file, replaced atomically.
+"""Durable sessions: the whole runtime state in one safetensors file, replaced atomically, under a lock.
 
 File: safetensors (no pickle) whose metadata holds a magic string, a format version, the bundle's
 fingerprint and state format, counters, and a sha256 over all that metadata and every tensor
 (safetensors has no checksum of its own).
-Save: write NAME.tmp, fsync, hard-link the current file to NAME.bak, rename NAME.tmp over NAME,
-fsync the folder. At every instant NAME or NAME.bak holds a complete old or new version; load
-falls back to the backup when the main file is missing or damaged.
+Save: write a uniquely named temporary file, fsync, hard-link the current file to NAME.bak (only when
+the current file is known good: a damaged one never replaces the backup), rename the temporary over
+NAME, fsync the folder. At every instant NAME or NAME.bak holds a complete old or new version; load
+falls back to the backup when the main file is missing or damaged. Any error removes the temporary.
+Lock: one process at a time holds a session from its load to its last save (SessionFile), so two
+turns on one session never race (filelock on NAME.lock).
+Reads: only regular files, never more bytes than a session of the bundle can have.
 What this leaves out: what a chat does with the state (chat.py).
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import re
+import stat
 import struct
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +31,9 @@ from cortex_edge import contract
 from cortex_edge.runtime.engine import Engine, State, StoredLevel
 from cortex_edge.runtime.errors import SessionError
 
-NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+LOCK_WAIT_S = 600.0  # how long a second process waits for a session that another one holds
+
+NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")  # fullmatch: no trailing newline
 HEADER_SLACK = 1 << 16
 
 
@@ -37,7 +46,7 @@ def sessions_dir() -> Path:
 
 
 def session_path(name: str) -> Path:
-    if not NAME_RE.match(name or ""):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise SessionError(f"invalid session name {name!r}: use 1-64 letters, digits, '_', '-' or '.'")
     return sessions_dir() / (name + contract.SESSION_SUFFIX)
 
@@ -67,17 +76,33 @@ def _checksum(t: dict[str, np.ndarray], meta: dict[str, str]) -> str:
 
 
 def _fsync_dir(d: Path) -> None:
+    """Make a rename in d durable, where the file system allows (best effort: the rename itself has happened,
+    so a failure here must not be reported as a failed save)."""
     try:
         fd = os.open(d, os.O_RDONLY)
     except OSError:
         return
     try:
         os.fsync(fd)
+    except OSError:
+        pass
     finally:
         os.close(fd)
 
 
-def save(path: Path, engine: Engine, st: State, extra: dict | None = None) -> None:
+class ForeignSessionError(SessionError):
+    """The session file is sound but belongs to another bundle or runtime version."""
+
+
+def _unique(path: Path, suffix: str) -> Path:
+    fd, name = tempfile.mkstemp(prefix=path.name + ".", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def save(path: Path, engine: Engine, st: State, extra: dict | None = None, backup: bool = True) -> None:
+    """Replace the session at path with st. backup=False: the current file is damaged or foreign, so the
+    backup is left as it is (it may be the only good copy). Raises SessionError, the previous version intact."""
     from safetensors.numpy import save
 
     t = _tensors(st, engine)
@@ -86,20 +111,34 @@ def save(path: Path, engine: Engine, st: State, extra: dict | None = None) -> No
             "n": str(st.n), "events": str(st.events), "extra": json.dumps(extra or {})}
     meta["checksum"] = _checksum(t, meta)
     data = save(t, metadata=meta)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    if path.exists():
-        bak_tmp = path.with_name(path.name + ".bak.tmp")
-        if bak_tmp.exists():
-            bak_tmp.unlink()
-        os.link(path, bak_tmp)
-        os.replace(bak_tmp, path.with_name(path.name + ".bak"))
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    made: list[Path] = []
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _unique(path, ".tmp")
+        made.append(tmp)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if backup and os.path.lexists(path):
+            bak_tmp = path.with_name(f"{path.name}.{os.getpid()}.bak.tmp")
+            made.append(bak_tmp)
+            if os.path.lexists(bak_tmp):
+                os.unlink(bak_tmp)
+            os.link(path, bak_tmp)
+            os.replace(bak_tmp, path.with_name(path.name + ".bak"))
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as e:
+        raise SessionError(f"cannot save session {path.name}: {e.strerror or e} (the previous version is "
+                           "kept)") from None
+    finally:
+        for m in made:
+            try:
+                if os.path.lexists(m):
+                    os.unlink(m)
+            except OSError:
+                pass
 
 
 def _parse(data: bytes, engine: Engine, expect: dict[str, np.ndarray]) -> tuple[State, dict]:
@@ -119,12 +158,10 @@ def _parse(data: bytes, engine: Engine, expect: dict[str, np.ndarray]) -> tuple[
     if not isinstance(meta, dict) or meta.get("magic") != contract.SESSION_MAGIC:
         raise SessionError("not a cortex-edge session file")
     if meta.get("version") != str(contract.SESSION_VERSION):
-        raise SessionError(f"session file version {meta.get('version')!r} is not supported")
-    if meta.get("fingerprint") != engine.bundle.fingerprint:
-        raise SessionError("session was made with another bundle (model, weights or state format differ); "
-                           "use another --session name or /reset")
-    if meta.get("state_format") != engine.state_format:
-        raise SessionError("session state format does not match the bundle")
+        raise ForeignSessionError(f"session file version {meta.get('version')!r} was made by another version "
+                                  "of cortex-edge")
+    if meta.get("fingerprint") != engine.bundle.fingerprint or meta.get("state_format") != engine.state_format:
+        raise ForeignSessionError("session was made with another bundle (model, weights or state format differ)")
     try:
         t = load(data)
     except (SafetensorError, ValueError, TypeError):
@@ -163,24 +200,105 @@ def _parse(data: bytes, engine: Engine, expect: dict[str, np.ndarray]) -> tuple[
     return st, extra
 
 
+def _read_bounded(p: Path, limit: int) -> bytes | None:
+    """The bytes of p if it is a regular file of at most limit bytes; None if it does not exist."""
+    try:
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise SessionError(f"cannot read: {e.strerror or e}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise SessionError("not a regular file")
+        if info.st_size > limit:
+            raise SessionError("larger than any session of this bundle can be")
+        chunks, left = [], limit + 1
+        while left > 0:
+            b = os.read(fd, min(left, 1 << 22))
+            if not b:
+                break
+            chunks.append(b)
+            left -= len(b)
+        data = b"".join(chunks)
+        if len(data) > limit:
+            raise SessionError("larger than any session of this bundle can be")
+        return data
+    except OSError as e:
+        raise SessionError(f"cannot read: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+
+
 def load(path: Path, engine: Engine) -> tuple[State, dict, str]:
-    """-> (state, extra, which) with which in {"main", "backup"}. Raises SessionError if neither loads."""
+    """-> (state, extra, which) with which in {"main", "backup"}. Raises FileNotFoundError if neither file
+    exists, ForeignSessionError if they belong to another bundle, SessionError if neither loads."""
     expect = _tensors(engine.new_state(), engine)
     limit = sum(a.nbytes for a in expect.values()) + HEADER_SLACK + 8
-    errors = []
+    errors: list[tuple[str, SessionError]] = []
     for which, p in (("main", path), ("backup", path.with_name(path.name + ".bak"))):
         try:
-            size = p.stat().st_size
-        except FileNotFoundError:
-            continue
-        if size > limit:
-            errors.append(f"{p.name}: larger than any session of this bundle can be")
-            continue
-        try:
-            st, extra = _parse(p.read_bytes(), engine, expect)
+            data = _read_bounded(p, limit)
+            if data is None:
+                continue
+            st, extra = _parse(data, engine, expect)
             return st, extra, which
         except SessionError as e:
-            errors.append(f"{p.name}: {e}")
+            errors.append((p.name, e))
     if not errors:
         raise FileNotFoundError(path)
-    raise SessionError("cannot load session: " + "; ".join(errors))
+    if all(isinstance(e, ForeignSessionError) for _, e in errors):
+        raise ForeignSessionError(str(errors[0][1]))
+    raise SessionError("cannot load session: " + "; ".join(f"{n}: {e}" for n, e in errors))
+
+
+class SessionFile:
+    """A named session held by this process from open() to close(): load once, save after each turn.
+
+    The lock is taken before the load, so the state a turn starts from is the last one committed; a second
+    process on the same session waits for it (up to wait_s, with a note on stderr) or gets a clear error.
+    """
+
+    def __init__(self, path: Path, wait_s: float = LOCK_WAIT_S, on_wait=None):
+        from filelock import FileLock, Timeout
+
+        self.path = path
+        self.main_ok = False  # the main file is a good version of this bundle's session (may be backed up)
+        self._lock = FileLock(str(path) + ".lock")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self._lock.acquire(timeout=min(1.0, wait_s))
+            except Timeout:
+                if on_wait is not None:
+                    on_wait()
+                self._lock.acquire(timeout=max(0.0, wait_s - 1.0))
+        except Timeout:
+            raise SessionError(f"session {path.stem} is in use by another cortex-edge process "
+                               f"(waited {wait_s:.0f} s)") from None
+        except OSError as e:
+            raise SessionError(f"cannot lock session {path.stem}: {e.strerror or e}") from None
+        for stale in path.parent.glob(glob.escape(path.name) + ".*.tmp"):  # left by a crash; ours alone now
+            try:
+                stale.unlink()
+            except OSError:
+                pass
+
+    def load(self, engine: Engine) -> tuple[State, dict, str]:
+        st, extra, which = load(self.path, engine)
+        self.main_ok = which == "main"
+        return st, extra, which
+
+    def save(self, engine: Engine, st: State, extra: dict | None = None) -> None:
+        save(self.path, engine, st, extra, backup=self.main_ok)
+        self.main_ok = True
+
+    def close(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> SessionFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

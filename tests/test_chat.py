@@ -47,9 +47,9 @@ def test_turns_feed_only_the_template_delta(engine):
     c = Chat(engine)
     list(c.turn("hello", Sampling(temperature=0), 4))
     n1 = c.state.n
-    assert c.fmt.first_turn("hello").startswith("<|im_start|>system")
+    assert "".join(t for t, _ in c.fmt.first_turn("hello")).startswith("<|im_start|>system")
     delta = c.fmt.next_turn("again")
-    assert delta == "<|im_start|>user\nagain<|im_end|>\n<|im_start|>assistant\n"
+    assert delta == [("<|im_start|>user\n", False), ("again", True), ("<|im_end|>\n<|im_start|>assistant\n", False)]
     list(c.turn("again", Sampling(temperature=0), 4))
     assert c.state.n > n1
     assert c.fmt.assistant_suffix() == "<|im_end|>\n"
