@@ -92,7 +92,7 @@ def main():
     first = load_bundle(a.bundles[0])
     tok = load_tokenizer(first.file("tokenizer.json"))
     fmt = ChatFormat(first.manifest["tokenizer"]["chat_template"])
-    prompts_ids = [tok.encode(fmt.first_turn(p), add_special_tokens=False).ids for p in PROMPTS]
+    prompts_ids = [tok.encode("".join(t for t, _ in fmt.first_turn(p)), add_special_tokens=False).ids for p in PROMPTS]
     t0 = time.time()
     hf, ref = reference(prompts_ids)
     text_ids = tok.encode(TEXT.read_text(), add_special_tokens=False).ids

@@ -68,6 +68,12 @@ def export(model, out, weights, state, force):
     click.echo(f"wrote {out}: {weights} weights, {state} state, {sum(f['bytes'] for f in man['files'].values()) / 1e6:.2f} MB; "
                f"runtime vs torch over {v['tokens']} tokens: top-1 {v['top1_agreement']:.3f}, "
                f"max |dlogit| {v['logits_max_abs_diff']:.2e}")
+    ref = man["validation"].get("reference")
+    if ref and "max_abs_logit_diff" in ref:
+        click.echo(f"checked against {ref['library']} on the same checkpoint: max |dlogit| "
+                   f"{ref['max_abs_logit_diff']:.2e} over {ref['tokens']} tokens")
+    elif ref:
+        click.echo(f"not checked against {ref['library']}: {ref['skipped']}")
 
 
 @cli.command()
@@ -133,10 +139,12 @@ def _engine(bundle: str | None, threads: int | None):
     cores = os.cpu_count() or 1
     if threads and threads > cores:
         click.echo(f"note: --threads {threads}: this machine has {cores} cores; using {cores}", err=True)
-    if bundle is None:
-        from cortex_edge.default_bundle import default_bundle
+    from cortex_edge.default_bundle import checkpoint_bundle, default_bundle, is_checkpoint
 
+    if bundle is None:
         bundle = str(default_bundle())
+    elif is_checkpoint(Path(bundle)):  # a .gguf or Hugging Face folder: exported once into the cache
+        bundle = str(checkpoint_bundle(Path(bundle)))
     return Engine(load_bundle(bundle), threads=threads)
 
 
@@ -195,7 +203,8 @@ def _stats(c, engine, as_json: bool) -> str:
 def chat(bundle, session, no_session, new_session, prompt, system, max_new_tokens, temperature, top_k, top_p, seed,
          threads, ignore_eos):
     """Chat with BUNDLE (optional: without it, the default model SmolLM2-135M-Instruct, exported once into
-    a cache on first use). Type /help in the chat for its commands."""
+    a cache on first use; a .gguf file or a Hugging Face folder is exported once into the cache too).
+    Type /help in the chat for its commands."""
     from cortex_edge.runtime import session as sess
     from cortex_edge.runtime.chat import Chat
     from cortex_edge.runtime.errors import CortexError

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ADDRESSING_MODES = ("content", "lru", "hybrid")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh")  # the MLP's gate activation: SiLU (Llama), exact or tanh GELU
 MAX_SIZE = 1 << 20  # no dimension of a model this runtime runs is larger
 
 
@@ -85,7 +86,12 @@ class ModelConfig:
     norm_eps: float = 1e-5  # RMSNorm epsilon
     rope_theta: float = 100000.0  # RoPE base
     tie_embeddings: bool = True  # output projection shares the embedding matrix (in torch; untied at export)
-    attn_bias: bool = False  # q/k/v projection biases (Qwen2-style)
+    attn_bias: bool = False  # q/k/v projection biases (Qwen2-style, and Llama's attention_bias)
+    attn_out_bias: bool = False  # o_proj bias (Llama's attention_bias; Qwen2 has none)
+    mlp_bias: bool = False  # gate/up/down projection biases (Llama's mlp_bias)
+    hidden_act: str = "silu"  # MLP gate activation, one of ACTIVATIONS
+    rope_freq_divisors: tuple[float, ...] = ()  # RoPE scaling: frequency i is theta^(-2i/hd) / divisor[i] (hd/2
+    #                                            entries: llama3 or linear scaling, a GGUF's rope_freqs); () none
     sinks: int = 4  # S: first tokens kept forever in the attention state (StreamingLLM)
     window: int = 1024  # W: ring buffer of the most recent tokens
     memory_layer: int = 15  # the CMS is read after this block (0-based) and its hidden state feeds the writes
@@ -107,6 +113,11 @@ class ModelConfig:
         if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
                    for x in (self.norm_eps, self.rope_theta)):
             raise ConfigError("norm_eps and rope_theta must be positive numbers")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ConfigError(f"hidden_act must be one of {ACTIVATIONS}, got {self.hidden_act!r}")
+        if self.rope_freq_divisors and (len(self.rope_freq_divisors) != self.head_dim // 2 or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x < 1e9 for x in self.rope_freq_divisors)):
+            raise ConfigError(f"rope_freq_divisors must hold head_dim/2 = {self.head_dim // 2} positive numbers")
         if not 0 <= self.memory_layer < self.n_layers:
             raise ConfigError(f"memory_layer must be in [0, {self.n_layers})")
         if self.cms.chunk > self.window:
@@ -121,6 +132,8 @@ class ModelConfig:
         if not isinstance(d, dict):
             raise ConfigError("model config must be a JSON object")
         d = dict(d)
+        if isinstance(d.get("rope_freq_divisors"), list):
+            d["rope_freq_divisors"] = tuple(d["rope_freq_divisors"])
         cms = d.pop("cms", {})
         if not isinstance(cms, dict):
             raise ConfigError("cms config must be a JSON object")
@@ -131,6 +144,34 @@ class ModelConfig:
             raise ConfigError(f"unknown or missing config field: {e}") from None
         cfg.validate()
         return cfg
+
+
+def rope_inv_freq(head_dim: int, theta: float, divisors: tuple[float, ...] = ()) -> list[float]:
+    """RoPE's hd/2 frequencies (float64): theta^(-2i/hd), each divided by its scaling divisor if any."""
+    inv = [1.0 / (theta ** (i / head_dim)) for i in range(0, head_dim, 2)]
+    return [f / d for f, d in zip(inv, divisors)] if divisors else inv
+
+
+def llama3_divisors(head_dim: int, theta: float, factor: float, low_freq_factor: float, high_freq_factor: float,
+                    original_max_position_embeddings: int) -> tuple[float, ...]:
+    """Llama 3.x RoPE scaling as transformers computes it (_compute_llama3_parameters), as divisors:
+    long wavelengths divided by factor, short ones kept, a smooth blend in between."""
+    import math
+
+    low_wavelen = original_max_position_embeddings / low_freq_factor
+    high_wavelen = original_max_position_embeddings / high_freq_factor
+    out = []
+    for f in rope_inv_freq(head_dim, theta):
+        wavelen = 2 * math.pi / f
+        if wavelen > low_wavelen:
+            scaled = f / factor
+        elif wavelen < high_wavelen:
+            scaled = f
+        else:
+            smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            scaled = (1 - smooth) * f / factor + smooth * f
+        out.append(f / scaled)
+    return tuple(out)
 
 
 def tiny_config() -> ModelConfig:

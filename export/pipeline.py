@@ -37,7 +37,13 @@ def load_source(model: str, window: int | None = None):
 
 def export_model(model: str, out: Path, weights: str = contract.DEFAULT_WEIGHTS, state: str = contract.DEFAULT_STATE,
                  force: bool = False, quiet: bool = False, window: int | None = None) -> dict:
+    from cortex_edge.export import loaders, reference
     from cortex_edge.export.bundle_writer import write_bundle
 
     lm, tok, meta = load_source(model, window=window)
-    return write_bundle(lm, tok, meta, out, weights=weights, state=state, source=model, force=force, quiet=quiet)
+    src = loaders.smollm2_path() if model == "smollm2" else Path(model)
+    ref = None
+    if model == "smollm2" or (src.is_file() and src.suffix == ".gguf") or src.is_dir():
+        ref = reference.compare(lm, src)  # None without transformers; raises on a mismatch
+    return write_bundle(lm, tok, meta, out, weights=weights, state=state, source=model, force=force, quiet=quiet,
+                        reference=ref)

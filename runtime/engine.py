@@ -193,7 +193,7 @@ class Engine:
         shift = ring.frame_shift(st.n, st.n + T, c.sinks, c.window)
         if shift:  # the ring's rotary frame moved (once per W tokens): rotate its keys back by as much
             for k in st.keys:
-                k[:, :, c.sinks:] = ring.rotate(k[:, :, c.sinks:], -shift, c.rope_theta)
+                k[:, :, c.sinks:] = ring.rotate(k[:, :, c.sinks:], -shift, c.rope_theta, c.rope_freq_divisors)
         feat = outs[-1][0]  # (T, d_z)
         for t in range(T):  # token by token: the same summation order whatever the piece size
             st.acc += feat[t]

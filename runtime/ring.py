@@ -103,16 +103,19 @@ def _plan(n_past: int, t: int, sinks: int, window: int) -> StepPlan:
     return StepPlan(q_pos=q_pos, sink_q_pos=sink_q_pos, attn_mask=mask, slots=slot_of(a, S, W))
 
 
-def rope_angles(delta: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin (hd,) of a rotation by `delta` positions, in HF's [f, f] layout, computed in float64."""
+def rope_angles(delta: int, head_dim: int, theta: float, divisors: tuple = ()) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin (hd,) of a rotation by `delta` positions, in HF's [f, f] layout, computed in float64.
+    divisors: RoPE scaling (config.rope_inv_freq)."""
     inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    if divisors:
+        inv = inv / np.asarray(divisors, dtype=np.float64)
     ang = np.concatenate([delta * inv, delta * inv])
     return np.cos(ang), np.sin(ang)
 
 
-def rotate(x: np.ndarray, delta: int, theta: float) -> np.ndarray:
+def rotate(x: np.ndarray, delta: int, theta: float, divisors: tuple = ()) -> np.ndarray:
     """RoPE rotation of x (..., hd) by `delta` positions (rotations compose: R_a R_b = R_{a+b})."""
-    cos, sin = rope_angles(delta, x.shape[-1], theta)
+    cos, sin = rope_angles(delta, x.shape[-1], theta, divisors)
     h = x.shape[-1] // 2
     rot = np.concatenate([-x[..., h:], x[..., :h]], axis=-1)
     return (x * cos + rot * sin).astype(x.dtype)

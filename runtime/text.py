@@ -46,12 +46,18 @@ class ChatTemplateError(CortexError):
     pass
 
 
+# a checkpoint without a chat template (a base model): messages as plain text, one per line
+PLAIN_TEMPLATE = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+
+
 @dataclass
 class ChatFormat:
     template: str
     bos: str = ""
 
     def __post_init__(self):
+        if not self.template.strip():
+            self.template = PLAIN_TEMPLATE
         env = ImmutableSandboxedEnvironment(trim_blocks=False, lstrip_blocks=False)
 
         def raise_exception(msg):

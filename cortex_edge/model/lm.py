@@ -21,9 +21,11 @@ from cortex_edge.model.cms import CMSReader, CMSWriter, RMSNorm, empty_state
 from cortex_edge.runtime import ring
 
 
-def rope_cos_sin(pos: torch.Tensor, head_dim: int, theta: float):
-    """pos (...,) int64 -> cos, sin (..., hd) in HF's [f, f] layout."""
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))  # (hd/2,)
+def rope_cos_sin(pos: torch.Tensor, head_dim: int, theta: float, divisors: tuple[float, ...] = ()):
+    """pos (...,) int64 -> cos, sin (..., hd) in HF's [f, f] layout. divisors: RoPE scaling (config.py)."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))  # (hd/2,), as HF
+    if divisors:
+        inv = inv / torch.tensor(divisors, dtype=torch.float32)
     ang = pos.to(torch.float32).unsqueeze(-1) * inv  # (..., hd/2)
     ang = torch.cat([ang, ang], dim=-1)  # (..., hd)
     return ang.cos(), ang.sin()
@@ -65,13 +67,14 @@ class _ExportedRope(torch.autograd.Function):
         return out
 
 
-def ropes_at(positions: list[torch.Tensor], head_dim: int, theta: float, max_pos: int) -> list:
+def ropes_at(positions: list[torch.Tensor], head_dim: int, theta: float, max_pos: int,
+             divisors: tuple[float, ...] = ()) -> list:
     """The rotation at each positions tensor (T,): cos, sin (T, hd) for rotate(); while exporting, RopeTables
     sharing one pair of tables over positions 0..max_pos (the graph then holds the tables, not the
     trigonometry; onnxruntime refuses a position beyond them)."""
     if not torch.onnx.is_in_onnx_export():
-        return [rope_cos_sin(pos, head_dim, theta) for pos in positions]
-    cos, sin = rope_cos_sin(torch.arange(max_pos + 1), head_dim, theta)
+        return [rope_cos_sin(pos, head_dim, theta, divisors) for pos in positions]
+    cos, sin = rope_cos_sin(torch.arange(max_pos + 1), head_dim, theta, divisors)
     h = head_dim // 2
     cos, sin = cos[:, :h].contiguous(), sin[:, :h].contiguous()
     return [RopeTables(pos.unsqueeze(0), cos, sin) for pos in positions]
@@ -98,7 +101,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(cfg.dim, H * hd, bias=cfg.attn_bias)
         self.k_proj = nn.Linear(cfg.dim, KV * hd, bias=cfg.attn_bias)
         self.v_proj = nn.Linear(cfg.dim, KV * hd, bias=cfg.attn_bias)
-        self.o_proj = nn.Linear(H * hd, cfg.dim, bias=False)
+        self.o_proj = nn.Linear(H * hd, cfg.dim, bias=cfg.attn_out_bias)
         self.qkv_proj: nn.Linear | None = None  # fuse(): one matmul for q, k, v (the exported graph)
 
     @torch.no_grad()
@@ -157,27 +160,35 @@ class Attention(nn.Module):
         return self.o_proj(o), k, v
 
 
+ACT = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        b = cfg.mlp_bias
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=b)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=b)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=b)
+        self.act = ACT[cfg.hidden_act]
         self.gate_up_proj: nn.Linear | None = None  # fuse(): one matmul for gate and up
 
     @torch.no_grad()
     def fuse(self) -> None:
         w = torch.cat([self.gate_proj.weight, self.up_proj.weight])
-        self.gate_up_proj = nn.Linear(w.shape[1], w.shape[0], bias=False)
+        b = self.gate_proj.bias is not None
+        self.gate_up_proj = nn.Linear(w.shape[1], w.shape[0], bias=b)
         self.gate_up_proj.weight.copy_(w)
+        if b:
+            self.gate_up_proj.bias.copy_(torch.cat([self.gate_proj.bias, self.up_proj.bias]))
         del self.gate_proj, self.up_proj
 
     def forward(self, x):
         if self.gate_up_proj is not None:
             f = self.down_proj.in_features  # constant split sizes: no shape arithmetic in the graph
             g, u = self.gate_up_proj(x).split([f, f], dim=-1)
-            return self.down_proj(F.silu(g) * u)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return self.down_proj(self.act(g) * u)
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
@@ -243,7 +254,7 @@ class CortexLM(nn.Module):
         caches hold them, and write_feat (B, T, d_z)."""
         cfg = self.cfg
         q_rope, sink_rope = ropes_at([q_pos, sink_q_pos], cfg.head_dim, cfg.rope_theta,
-                                     ring.max_position(cfg.sinks, cfg.window))
+                                     ring.max_position(cfg.sinks, cfg.window), cfg.rope_freq_divisors)
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         new_k, new_v, feat, stats = [], [], None, None
         n = past_keys[0].shape[2]  # ring slots, read once for every layer
@@ -300,7 +311,7 @@ class TorchStream:
         self.values = [v.index_copy(3, slots, n) for v, n in zip(self.values, nv)]
         shift = ring.frame_shift(self.n, self.n + T, cfg.sinks, cfg.window)
         if shift:  # the ring's rotary frame moved: rotate its keys back by as much (sinks stay)
-            cos, sin = rope_cos_sin(torch.tensor(-shift), cfg.head_dim, cfg.rope_theta)
+            cos, sin = rope_cos_sin(torch.tensor(-shift), cfg.head_dim, cfg.rope_theta, cfg.rope_freq_divisors)
             self.keys = [torch.cat([k[:, :, :cfg.sinks], rotate(k[:, :, cfg.sinks:], cos, sin)], dim=2)
                          for k in self.keys]
         for i in range(T):  # token by token, the same summation order as the runtime
