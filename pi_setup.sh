@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # pi_setup.sh - set up the cortex-edge runtime on a Raspberry Pi 5 (Raspberry Pi OS bookworm, 64-bit).
 #
-#   bash pi_setup.sh [--dry-run] [--venv DIR] [--source SPEC] [--performance] [--yes] [--help]
+#   bash pi_setup.sh [--dry-run] [--venv DIR] [--source SPEC] [--serve] [--performance] [--yes] [--help]
 #
 #   --dry-run      print every step, change nothing
 #   --venv DIR     where to make the virtual environment (default: ~/.venvs/cortex-edge)
 #   --source SPEC  what to pip-install: a folder, a wheel, or a requirement
 #                  (default: this checkout if the script sits in one, else "cortex-edge")
+#   --serve        also install the server extra (cortex-edge serve: starlette, uvicorn)
 #   --performance  set the CPU governor to "performance" (for benchmarking; reverts at reboot)
 #   --yes          do not ask before using sudo for apt
 #
@@ -19,6 +20,7 @@ DRY=0
 VENV="${HOME}/.venvs/cortex-edge"
 SOURCE=""
 PERF=0
+SERVE=0
 YES=0
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 APT_PACKAGES=(python3 python3-venv python3-pip libgomp1)
@@ -41,6 +43,7 @@ while [ $# -gt 0 ]; do
     --venv) [ $# -ge 2 ] || die "--venv needs a folder"; VENV=$2; shift 2 ;;
     --source) [ $# -ge 2 ] || die "--source needs a value"; SOURCE=$2; shift 2 ;;
     --performance) PERF=1; shift ;;
+    --serve) SERVE=1; shift ;;
     --yes|-y) YES=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) die "unknown option: $1 (try --help)" ;;
@@ -104,7 +107,9 @@ fi
 
 # ---------------------------------------------------------------- 4. the runtime (no torch)
 say "4/5 installing the cortex-edge runtime from $SOURCE (no torch)"
-run "$VENV/bin/python" -m pip install --disable-pip-version-check -q --upgrade "$SOURCE"
+SPEC=$SOURCE
+if [ "$SERVE" = 1 ]; then SPEC="$SOURCE[serve]"; fi  # pip takes extras on a folder, a wheel or a name
+run "$VENV/bin/python" -m pip install --disable-pip-version-check -q --upgrade "$SPEC"
 if [ "$DRY" = 0 ] && "$VENV/bin/python" -c 'import torch' >/dev/null 2>&1; then
   warn "torch is importable in $VENV; the runtime does not need it"
 fi

@@ -321,6 +321,33 @@ def _chat(engine, held, session, new_session, prompt, system, sampling, max_new_
 
 
 @cli.command()
+@click.argument("bundle", required=False, type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to listen on (anything but loopback needs --api-key)")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--api-key", default=None, envvar="CORTEX_EDGE_API_KEY",
+              help="require 'Authorization: Bearer KEY' on every request [env: CORTEX_EDGE_API_KEY]")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help=THREADS_HELP)
+@click.option("--queue", "queue_size", type=click.IntRange(1, 1024), default=16, show_default=True,
+              help="requests that may wait for the engine; past that, 503 with Retry-After")
+def serve(bundle, host, port, api_key, threads, queue_size):
+    """Serve BUNDLE (optional: the default model, as chat) over the OpenAI chat API: POST /v1/chat/completions
+    (streaming or not), GET /v1/models, GET /health. A request's X-Session-Id header (or its `user` field)
+    names a conversation whose memory is kept across requests and restarts."""
+    try:
+        from cortex_edge.runtime import serve as srv
+    except ImportError:
+        _fail("serve needs the serve extra: pip install 'cortex-edge[serve]'")
+    if not srv.is_loopback(host) and not api_key:
+        _fail(f"--host {host} is reachable from other machines: give --api-key KEY (or listen on 127.0.0.1)")
+    if api_key is not None and len(api_key) < 8:
+        raise click.BadParameter("--api-key must have at least 8 characters")
+    engine = _engine(bundle, threads)
+    srv.run(engine, engine.bundle.path.resolve().name, host, port, api_key, queue_size,
+            echo=lambda m: click.echo(m, err=True))
+
+
+@cli.command()
 @click.argument("bundle", type=click.Path())
 @click.option("--context", "context", default="0,512,4k", show_default=True,
               help="history lengths to measure at, e.g. 1k,16k,256k,1m")

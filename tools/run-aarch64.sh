@@ -68,7 +68,7 @@ SECURITY=${ARM_DEBIAN_SECURITY:-$(host_apt_uris | grep -E '/debian-security/?$' 
 SUITE=${ARM_DEBIAN_SUITE:-bookworm}
 KEYRING=${ARM_DEBIAN_KEYRING:-/usr/share/keyrings/debian-archive-keyring.gpg}
 # cortex-edge's runtime extra (no torch) + what its device-side tests need; versions as in pyproject.toml
-PACKAGES=${ARM_PACKAGES-numpy==2.4.6 onnxruntime==1.31.1 tokenizers==0.23.3 safetensors==0.8.0 filelock==4.3.1 jinja2 click psutil tqdm pytest hypothesis}
+PACKAGES=${ARM_PACKAGES-numpy==2.4.6 onnxruntime==1.31.1 tokenizers==0.23.3 safetensors==0.8.0 filelock==4.3.1 jinja2 click psutil tqdm starlette==1.10.0 uvicorn==0.54.0 sse-starlette==3.7.0 pytest hypothesis}
 PIP_ARGS=${ARM_PIP_ARGS---only-binary=:all:}
 SYSROOT_DEBS="python3.11 python3.11-venv libstdc++6 libgcc-s1 libgomp1 ${ARM_EXTRA_DEBS:-}"
 # pulled in only by maintainer-script deps; their binaries would shadow host tools under qemu -L
