@@ -197,11 +197,15 @@ def _stats(c, engine, as_json: bool) -> str:
 @click.option("--temperature", type=float, default=0.7, show_default=True, help="0: greedy")
 @click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True, help="0: no limit")
 @click.option("--top-p", type=float, default=0.95, show_default=True, help="in (0, 1]")
+@click.option("--repeat-penalty", type=float, default=1.1, show_default=True,
+              help="llama.cpp's: the last --repeat-last-n tokens' logits divided by it (1: off)")
+@click.option("--repeat-last-n", type=click.IntRange(min=0), default=64, show_default=True)
+@click.option("--stop", "stop", multiple=True, help="a string that ends the answer (repeatable)")
 @click.option("--seed", type=click.IntRange(min=0, max=2**63 - 1), default=None, help="sampling seed [default: random]")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help=THREADS_HELP)
 @click.option("--ignore-eos", is_flag=True, help="keep generating through end-of-turn tokens (benchmarks, tests)")
-def chat(bundle, session, no_session, new_session, prompt, system, max_new_tokens, temperature, top_k, top_p, seed,
-         threads, ignore_eos):
+def chat(bundle, session, no_session, new_session, prompt, system, max_new_tokens, temperature, top_k, top_p,
+         repeat_penalty, repeat_last_n, stop, seed, threads, ignore_eos):
     """Chat with BUNDLE (optional: without it, the default model SmolLM2-135M-Instruct, exported once into
     a cache on first use; a .gguf file or a Hugging Face folder is exported once into the cache too).
     Type /help in the chat for its commands."""
@@ -210,11 +214,14 @@ def chat(bundle, session, no_session, new_session, prompt, system, max_new_token
     from cortex_edge.runtime.errors import CortexError
     from cortex_edge.runtime.sampling import Sampling
 
-    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, repeat_penalty=repeat_penalty,
+                        repeat_last_n=repeat_last_n)
     try:
         sampling.validate()
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
+    if any(not s for s in stop):
+        raise click.BadParameter("--stop strings must not be empty")
     if prompt is None and (sys.stdin is None or sys.stdin.closed):
         _fail("standard input is closed: give --prompt TEXT, or run chat in a terminal")
     if no_session and new_session:
@@ -227,14 +234,14 @@ def chat(bundle, session, no_session, new_session, prompt, system, max_new_token
             f"waiting for session {session}: another cortex-edge is using it", err=True))
     try:
         _chat(engine, held, session, new_session, prompt, system, sampling, max_new_tokens, ignore_eos,
-              Chat, sess, CortexError)
+              Chat, sess, CortexError, tuple(stop))
     finally:
         if held is not None:
             held.close()
 
 
 def _chat(engine, held, session, new_session, prompt, system, sampling, max_new_tokens, ignore_eos,
-          Chat, sess, CortexError):
+          Chat, sess, CortexError, stop):
     state, turns = None, 0
     if held is not None and not new_session:
         try:
@@ -263,8 +270,10 @@ def _chat(engine, held, session, new_session, prompt, system, sampling, max_new_
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
 
-    def one_turn(text: str) -> None:
-        for delta in c.turn(text, sampling, max_new_tokens, should_stop=lambda: not out["open"]):
+    def one_turn(text: str, label: bool = False) -> None:
+        if label:
+            emit(click.style("assistant> ", fg="cyan"))
+        for delta in c.turn(text, sampling, max_new_tokens, should_stop=lambda: not out["open"], stop=stop):
             emit(delta)
         emit("", nl=True)
         if held is not None:
@@ -311,7 +320,7 @@ def _chat(engine, held, session, new_session, prompt, system, sampling, max_new_
         if not cmd:
             continue
         try:
-            one_turn(line)
+            one_turn(line, label=True)
         except KeyboardInterrupt:
             click.echo("\n(interrupted: this turn was not kept)", err=True)
         except sess.SessionError:
@@ -450,6 +459,83 @@ def niah(bundle, lengths, samples, threads, memory, states, first, json_out):
     if json_out:
         Path(json_out).write_text(json.dumps(rep, indent=1))
         click.echo(f"wrote {json_out}")
+
+
+@cli.group()
+def sessions():
+    """The durable chat sessions on this machine: list, show NAME, rm NAME."""
+
+
+def _bundle_names() -> dict[str, str]:
+    """fingerprint -> folder name, for the bundles in the cache."""
+    from cortex_edge.default_bundle import cache_dir
+
+    out = {}
+    if cache_dir().is_dir():
+        for d in cache_dir().iterdir():
+            try:
+                out[json.loads((d / contract.MANIFEST).read_text())["fingerprint"]] = d.name
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+    return out
+
+
+def _describe_line(d: dict, names: dict) -> str:
+    import datetime
+
+    when = datetime.datetime.fromtimestamp(d["modified"]).strftime("%Y-%m-%d %H:%M")
+    if d.get("damaged"):
+        return f"{d['name']:<24} {d['bytes'] / 2**20:>8.1f} MiB  {when}  (damaged header: cortex-edge sessions rm {d['name']})"
+    bundle = names.get(d["fingerprint"], f"bundle {d['fingerprint'][:12]}")
+    return (f"{d['name']:<24} {d['bytes'] / 2**20:>8.1f} MiB  {when}  {d['tokens']:>9,} tokens  {d['turns']:>5} turns  "
+            f"{bundle}")
+
+
+@sessions.command("list")
+def sessions_list():
+    """Every session: size, last used, tokens remembered, turns, the bundle it belongs to."""
+    from cortex_edge.runtime import session as sess
+
+    d = sess.sessions_dir()
+    files = sorted(d.glob("*" + contract.SESSION_SUFFIX)) if d.is_dir() else []
+    if not files:
+        click.echo(f"no sessions in {d}")
+        return
+    names = _bundle_names()
+    click.echo(f"{'name':<24} {'size':>12}  {'last used':<16}  {'remembered':>16}  {'':>11}  bundle")
+    for f in files:
+        click.echo(_describe_line(sess.describe(f), names))
+    click.echo(f"({len(files)} in {d})")
+
+
+@sessions.command("show")
+@click.argument("name")
+def sessions_show(name):
+    """One session in detail."""
+    from cortex_edge.runtime import session as sess
+
+    p = sess.session_path(name)
+    if not p.is_file():
+        _fail(f"no session named {name} in {sess.sessions_dir()}")
+    d = sess.describe(p)
+    click.echo(_describe_line(d, _bundle_names()))
+    click.echo(f"file        {p}{'  (+ a backup of the previous version)' if d['backup'] else ''}")
+    if not d.get("damaged"):
+        click.echo(f"memory      {d['events']:,} memory events; bundle fingerprint {d['fingerprint']}")
+
+
+@sessions.command("rm")
+@click.argument("names", nargs=-1, required=True)
+def sessions_rm(names):
+    """Delete sessions (and their backups). Waits a second for one in use, then refuses."""
+    from cortex_edge.runtime import session as sess
+
+    for name in names:
+        p = sess.session_path(name)
+        if not p.is_file() and not p.with_name(p.name + ".bak").is_file():
+            _fail(f"no session named {name} in {sess.sessions_dir()}")
+        sess.remove(p)
+        click.echo(f"removed session {name}")
 
 
 @cli.command()

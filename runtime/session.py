@@ -253,6 +253,38 @@ def load(path: Path, engine: Engine) -> tuple[State, dict, str]:
     raise SessionError("cannot load session: " + "; ".join(f"{n}: {e}" for n, e in errors))
 
 
+def describe(path: Path) -> dict:
+    """What a session file says about itself, from its header alone (no tensors read, nothing verified)."""
+    info = {"name": path.name[:-len(contract.SESSION_SUFFIX)], "bytes": path.stat().st_size,
+            "modified": path.stat().st_mtime, "backup": path.with_name(path.name + ".bak").is_file()}
+    try:
+        with open(path, "rb") as f:
+            (hlen,) = struct.unpack("<Q", f.read(8))
+            if hlen > HEADER_SLACK:
+                raise ValueError
+            meta = json.loads(f.read(hlen)).get("__metadata__") or {}
+        extra = json.loads(meta.get("extra", "{}"))
+        info.update(tokens=int(meta["n"]), events=int(meta["events"]), turns=int(extra.get("turns", 0)),
+                    fingerprint=str(meta["fingerprint"]), version=meta.get("version"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error):
+        info["damaged"] = True
+    return info
+
+
+def remove(path: Path) -> list[str]:
+    """Delete a session (main, backup, lock) while holding its lock; the names removed."""
+    with SessionFile(path, wait_s=1.0):
+        gone = []
+        for p in (path, path.with_name(path.name + ".bak")):
+            if os.path.lexists(p):
+                os.unlink(p)
+                gone.append(p.name)
+    lock = path.with_name(path.name + ".lock")
+    if os.path.lexists(lock):
+        os.unlink(lock)
+    return gone
+
+
 class SessionFile:
     """A named session held by this process from open() to close(): load once, save after each turn.
 

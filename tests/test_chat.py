@@ -125,3 +125,41 @@ def test_million_character_prompt(engine):
     list(c.turn("abcd " * 200_000, Sampling(temperature=0), 2))  # 1,000,000 characters
     assert c.state.n > 1_000_000
     assert psutil.Process().memory_info().rss - rss0 < 300 << 20
+
+
+def test_stop_strings_end_the_answer_before_them(engine):
+    from cortex_edge.runtime.chat import Chat
+
+    greedy = Sampling(temperature=0, repeat_penalty=1.0)
+    c = Chat(engine)
+    c.stop_ids = set()
+    full = "".join(c.turn("hello", greedy, 40))
+    assert len(full) > 10
+    stop = full[6:9]
+    c.reset()
+    cut = "".join(c.turn("hello", greedy, 40, stop=("never there", stop)))
+    assert cut == full[:full.index(stop)]
+    c.reset()
+    assert "".join(c.turn("hello", greedy, 40, stop=("never there",))) == full
+
+
+def test_repeat_penalty_is_llama_cpps():
+    from hypothesis import given
+    from hypothesis import strategies as hst
+
+    from cortex_edge.runtime.sampling import penalize
+
+    @given(hst.lists(hst.floats(-50, 50), min_size=4, max_size=32), hst.lists(hst.integers(0, 3), max_size=8),
+           hst.floats(1.0, 3.0))
+    def check(logits, recent, penalty):
+        x = np.array(logits, np.float32)
+        y = penalize(x, recent, penalty)
+        for i in range(len(x)):
+            if i in recent:
+                want = x[i] / penalty if x[i] > 0 else x[i] * penalty
+                assert np.isclose(y[i], want)
+                assert y[i] <= x[i]  # a repeated token never becomes more likely
+            else:
+                assert y[i] == x[i]
+
+    check()

@@ -248,3 +248,19 @@ def test_onnx_external_data_outside_the_bundle(bundle_copy, tmp_path):
     (d / contract.MANIFEST).write_text(json.dumps(man))
     line = one_line_error(cli("chat", d, "--prompt", "hi", "--no-session", env_home=tmp_path))
     assert "external data" in line
+
+
+@pytest.mark.aarch64
+def test_sessions_list_show_rm(bundle_copy, tmp_path):
+    for name in ("alpha", "beta"):
+        r = cli("chat", bundle_copy, "--session", name, "--prompt", "hi", "--max-new-tokens", "2", env_home=tmp_path)
+        assert r.returncode == 0, r.stderr
+    r = cli("sessions", "list", env_home=tmp_path)
+    assert r.returncode == 0 and "alpha" in r.stdout and "beta" in r.stdout and "1 turns" in r.stdout, r.stdout
+    r = cli("sessions", "show", "alpha", env_home=tmp_path)
+    assert r.returncode == 0 and "memory events" in r.stdout
+    r = cli("sessions", "rm", "alpha", env_home=tmp_path)
+    assert r.returncode == 0 and not (tmp_path / "sessions" / "alpha.cxs").exists()
+    assert "alpha" not in cli("sessions", "list", env_home=tmp_path).stdout
+    assert "no session named alpha" in one_line_error(cli("sessions", "rm", "alpha", env_home=tmp_path))
+    assert "invalid session name" in one_line_error(cli("sessions", "show", "../x", env_home=tmp_path))

@@ -47,7 +47,7 @@ class Served:
                         return
             except (urllib.error.URLError, ConnectionError, OSError):
                 if self.proc.poll() is not None:
-                    raise AssertionError(self.proc.stderr.read())
+                    raise AssertionError(self.proc.stderr.read()) from None
                 time.sleep(0.2)
         raise AssertionError("server did not start")
 
