@@ -242,21 +242,49 @@ def check_plot() -> None:
         raise CortexError("--plot needs matplotlib: pip install 'cortex-edge[plot]'")
 
 
+def tokens_label(n: int) -> str:
+    """512, 4k, 16k, 1M: how people write history lengths."""
+    if n >= 1 << 20 and n % (1 << 20) == 0:
+        return f"{n >> 20}M"
+    if n >= 1024 and n % 1024 == 0:
+        return f"{n >> 10}k"
+    return str(n)
+
+
 def plot(report: dict, path: str) -> None:
     check_plot()
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    ctx = [r["context"] for r in report["results"]]
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    ax[0].plot(ctx, [r["decode_ms_p50"] for r in report["results"]], "o-", label="p50")
-    ax[0].plot(ctx, [r["decode_ms_p95"] for r in report["results"]], "s--", label="p95")
-    ax[0].set(xscale="log", xlabel="history (tokens)", ylabel="decode ms/token", title="latency vs history")
-    ax[0].set_ylim(bottom=0)
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    rows = [r for r in report["results"] if r["context"] > 0] or report["results"]
+    ctx = [max(1, r["context"]) for r in rows]
+    fig, ax = plt.subplots(1, 3, figsize=(14, 4))
+    ax[0].plot(ctx, [r["decode_ms_p50"] for r in rows], "o-", label="p50")
+    ax[0].plot(ctx, [r["decode_ms_p95"] for r in rows], "s--", label="p95")
+    ax[0].set(ylabel="decode ms/token", title="decode latency")
     ax[0].legend()
-    ax[1].plot(ctx, [r["rss_bytes"] / 2**20 for r in report["results"]], "o-")
-    ax[1].set(xscale="log", xlabel="history (tokens)", ylabel="RSS (MiB)", title="RSS vs history")
-    ax[1].set_ylim(bottom=0)
+    ttft = [r["time_to_first_token_s"] for r in rows]
+    ax[1].plot(ctx, ttft, "o-", color="tab:green")
+    ax[1].set(ylabel="time to first token (s)", title="prefill: history + prompt")
+    for x, r in zip(ctx, rows):
+        if r.get("prefill_tokens_per_s"):
+            ax[1].annotate(f"{r['prefill_tokens_per_s']:.0f} tok/s", (x, r["time_to_first_token_s"]),
+                           textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax[2].plot(ctx, [r["rss_bytes"] / 2**20 for r in rows], "o-", color="tab:red")
+    ax[2].set(ylabel="RSS (MiB)", title="memory")
+    for a in ax:
+        a.set_xscale("log")
+        a.xaxis.set_major_locator(FixedLocator(ctx))
+        a.xaxis.set_minor_locator(NullLocator())
+        a.set_xticks(ctx, [tokens_label(c) for c in ctx])
+        a.set_xlabel("history (tokens)")
+        a.set_ylim(0, max(line.get_ydata().max() for line in a.get_lines()) * 1.15 or 1)
+        a.grid(alpha=0.3)
+    name = Path(str(report.get("bundle", ""))).name or "bundle"
+    fig.suptitle(f"cortex-edge bench: {name} ({report.get('weights')} weights, {report.get('state')} state), "
+                 f"{report.get('threads')} thread{'' if report.get('threads') == 1 else 's'}, {report.get('cpu', {}).get('model', '')}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
