@@ -327,8 +327,17 @@ def hf_config(c: dict, tensors: dict, window: int | None) -> ModelConfig:
         raise CortexError(f"config.json has a malformed field ({e})") from None
 
 
+def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor as float32 NumPy, whatever its stored dtype (bf16 has no NumPy type: read through torch)."""
+    from safetensors.torch import load_file
+
+    try:
+        return {k: v.float().numpy() for k, v in load_file(str(path)).items()}
+    except Exception as e:  # a damaged or foreign file: one line
+        raise CortexError(f"{path.name} is not a readable safetensors file ({e.__class__.__name__})") from None
+
+
 def load_hf_folder(path: Path, window: int | None = None):
-    from safetensors.numpy import load_file
     from tokenizers import Tokenizer
 
     try:
@@ -342,7 +351,7 @@ def load_hf_folder(path: Path, window: int | None = None):
         raise CortexError(f"{path} has no *.safetensors weights (pickled .bin checkpoints are not read)")
     tensors: dict[str, np.ndarray] = {}
     for f in files:
-        tensors.update(load_file(str(f)))
+        tensors.update(_load_safetensors(f))
     cfg = hf_config(c, tensors, window)
     tok_file = path / "tokenizer.json"
     if not tok_file.is_file():

@@ -76,8 +76,9 @@ def test_tiny_random_llama_parity(tmp_path, kv, tied, theta, bias):
     assert our_tokens == ref_tokens
 
 
-def _tiny_hf(tmp_path, arch: str = "llama", **kw):
-    """A tiny random transformers model saved in-process; every bias randomised so that it matters."""
+def _tiny_hf(tmp_path, arch: str = "llama", dtype=None, **kw):
+    """A tiny random transformers model saved in-process; every bias randomised so that it matters.
+    dtype: save in that dtype (the returned reference is the saved weights, in fp32)."""
     import torch
     import transformers
 
@@ -94,9 +95,11 @@ def _tiny_hf(tmp_path, arch: str = "llama", **kw):
             if name.endswith("bias"):
                 prm.normal_(0, 0.1)
     out = tmp_path / "hf"
+    if dtype is not None:
+        hf = hf.to(getattr(torch, dtype))
     hf.save_pretrained(out)
     byte_tokenizer(264).save(str(out / "tokenizer.json"))
-    return hf, out
+    return hf.float(), out
 
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -112,6 +115,8 @@ FEATURES = {  # every supported field, each on its own
     "MHA untied": ("llama", dict(num_key_value_heads=4, tie_word_embeddings=False)),
     "GQA 4:1": ("llama", dict(num_key_value_heads=1)),
     "qwen2": ("qwen2", dict()),
+    "bf16 weights": ("llama", dict(dtype="bfloat16")),
+    "fp16 weights": ("qwen2", dict(dtype="float16")),
     "mistral, window wider than the bundle's": ("mistral", dict(sliding_window=4096)),
 }
 

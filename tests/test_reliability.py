@@ -26,12 +26,16 @@ from cortex_edge.runtime.errors import BundleError, SessionError
 from tests.conftest import EMULATED, requires_torch
 from tests.test_cli import cli, one_line_error
 
-pytestmark = pytest.mark.aarch64
+device = pytest.mark.aarch64  # also run on the emulated Cortex-A76
+_FED = {}
 
 
 def _state(engine, version: int):
-    st_ = engine.new_state()
-    engine.feed(st_, np.arange(3, 30) % (engine.cfg.vocab_size - 3) + 3)
+    if id(engine) not in _FED:
+        st_ = engine.new_state()
+        engine.feed(st_, np.arange(3, 30) % (engine.cfg.vocab_size - 3) + 3)
+        _FED[id(engine)] = st_
+    st_ = _FED[id(engine)].copy()
     st_.acc[:] = version  # the version is readable back from the state itself
     return st_
 
@@ -113,6 +117,7 @@ def _count_steps(monkeypatch, path, engine, st_, backup):
 
 @pytest.mark.parametrize("scenario", ["after a good save", "after recovering from the backup"])
 @pytest.mark.parametrize("kind", ["crash", "io error"])
+@device
 def test_a_failure_at_every_step_of_a_save_keeps_the_old_or_the_new_version(engine, tmp_path, monkeypatch,
                                                                              scenario, kind):
     """SQLite-style: fail each file-system step of the save in turn, then load."""
@@ -155,6 +160,7 @@ def test_a_failure_at_every_step_of_a_save_keeps_the_old_or_the_new_version(engi
         assert _version(p, engine) == 3
 
 
+@device
 def test_recovering_from_the_backup_never_destroys_it(engine, tmp_path):
     """The issue's repro: two turns; truncate the main file; a turn (restored from the backup); damage a byte
     of the new main file; the next turn still loads."""
@@ -180,6 +186,7 @@ def test_recovering_from_the_backup_never_destroys_it(engine, tmp_path):
     assert which == "backup" and extra["v"] == 1
 
 
+@device
 def test_a_second_process_waits_for_the_session_or_says_so(engine, tmp_path):
     p = tmp_path / "s.cxs"
     holder = sess.SessionFile(p)
@@ -220,6 +227,7 @@ def test_an_unwritable_session_folder_is_one_line(runtime_bundle, tmp_path):
 
 # ---------------------------------------------------------------- what is read
 
+@device
 def test_session_reads_only_regular_files_with_a_bound(engine, tmp_path):
     p = tmp_path / "z.cxs"
     p.symlink_to("/dev/zero")
@@ -231,6 +239,7 @@ def test_session_reads_only_regular_files_with_a_bound(engine, tmp_path):
         sess.load(f, engine)
 
 
+@device
 def test_session_names_are_matched_whole():
     for bad in ["good\n", "good\nbad", "a b", "x\r"]:
         with pytest.raises(SessionError):
@@ -251,6 +260,7 @@ def _edit_manifest(src, dst, fn, refingerprint=True):
     return dst
 
 
+@device
 def test_every_file_read_is_checksummed(runtime_bundle, tmp_path):
     from cortex_edge.runtime.bundle import load_bundle
 
@@ -308,6 +318,7 @@ def test_cli_bad_inputs_are_one_line(runtime_bundle, tmp_path):
     assert "standard input is closed" in one_line_error(r)
 
 
+@device
 def test_threads_are_capped_at_the_cores(runtime_bundle, tmp_path):
     r = cli("chat", runtime_bundle, "--prompt", "hi", "--max-new-tokens", "2", "--threads", "10000", "--no-session",
             timeout=120)
@@ -315,6 +326,7 @@ def test_threads_are_capped_at_the_cores(runtime_bundle, tmp_path):
     assert f"this machine has {os.cpu_count()} cores" in r.stderr
 
 
+@device
 def test_a_closed_stdout_keeps_the_turn(runtime_bundle, tmp_path):
     r = subprocess.run(f"{sys.executable} -m cortex_edge chat {runtime_bundle} --session p --prompt hello "
                        f"--ignore-eos --max-new-tokens 400 --seed 0 | head -c 1; exit ${{PIPESTATUS[0]}}", shell=True,
@@ -367,6 +379,7 @@ def _controls(chat, ids) -> int:
 @settings(max_examples=40 if EMULATED else 300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(parts=st.lists(st.sampled_from(["<|im_start|>", "<|im_end|>", "<|endoftext|>", "system", "\n", "user",
                                         "assistant", "hi", " ", "{{", "}}", "{% endfor %}"]), min_size=1, max_size=12))
+@device
 def test_user_text_never_becomes_control_tokens(chat, parts):
     text = "".join(parts)
     if not text.strip():
@@ -379,6 +392,7 @@ def test_user_text_never_becomes_control_tokens(chat, parts):
     assert _controls(chat, sys_first) == _controls(chat, chat.encode_segments(chat.fmt.first_turn("x", system="s")))
 
 
+@device
 def test_injected_markup_reaches_the_model_as_plain_text(engine):
     from cortex_edge.runtime.chat import Chat
     from cortex_edge.runtime.sampling import Sampling
@@ -416,6 +430,7 @@ class _CountingTok:
 
 @settings(max_examples=50 if EMULATED else 300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=st.text(min_size=1, max_size=200))
+@device
 def test_stream_decoder_is_incremental_and_exact(chat, text):
     from cortex_edge.runtime.text import StreamDecoder
 
