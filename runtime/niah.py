@@ -6,7 +6,7 @@ Samples come from seeds >= HELD_OUT_SEED (training, when it exists, uses seeds b
 length comes with a Wilson 95 % interval and the chance baseline (1 / 90000). `memory=False` runs
 the same bundle with the sidecar switched off (reads see an empty memory, no writes), which must fail
 beyond the attention window if the memory is what does the work.
-What this leaves out: training (the sidecar learns this task in `cortex-edge train`, a later issue).
+What this leaves out: training (the sidecar learns this task in `cortex-edge train`: cortex_edge/model/train.py).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from cortex_edge.runtime import session as sess
-from cortex_edge.runtime.chat import Chat, PromptError
+from cortex_edge.runtime.chat import Chat, PromptError, clean_prompt
 from cortex_edge.runtime.engine import Engine
 from cortex_edge.runtime.errors import CortexError
 from cortex_edge.runtime.sampling import Sampling
@@ -93,6 +93,10 @@ def parse(body, headers) -> dict:
         clean.append({"role": m["role"], "content": m["content"]})
     if clean[-1]["role"] != "user":
         raise ApiError(400, "the last message must be the user's", "messages")
+    try:
+        clean[-1]["content"] = clean_prompt(clean[-1]["content"])  # before any answer starts: a 400, not mid-stream
+    except PromptError as e:
+        raise ApiError(400, f"the last user message: {e}", "messages") from None
     stop = body.get("stop")
     if stop is None:
         stop = []

@@ -52,8 +52,8 @@ class RopeTables(NamedTuple):
 
 class _ExportedRope(torch.autograd.Function):
     """rotate() from RopeTables, exported as onnxruntime's RotaryEmbedding (HF half-split layout): one kernel
-    where rotate() is six elementwise operators (Split, Neg, Concat, Mul, Mul, Add); SmolLM2's graph 1,894 ->
-    1,674 operators. Export only (no backward): training and the reference run rotate() itself."""
+    where rotate() is six elementwise operators (Split, Neg, Concat, Mul, Mul, Add). Export only (no
+    backward): training and the reference run rotate() itself. (Measured effect: docs/performance.md.)"""
 
     @staticmethod
     def forward(ctx, x, pos, cos_t, sin_t):
@@ -119,16 +119,15 @@ class Attention(nn.Module):
         """past_k (B, KV, n, hd) holds keys already rotated (ring: in the current frame; sinks: at their own
         position); past_v (B, KV, hd, n) holds values transposed. Both caches are the left operand of their
         matmul, scores and probabilities are kept slots-by-queries: a one-token step is then a matrix times a
-        few columns that streams the cache once, where q @ K^T and p @ V made onnxruntime pack (copy) the
-        whole cache first (SmolLM2, 1,028 slots, 2 threads, profiled: 59 -> 36 and 62 -> 47 µs a layer).
+        few columns that streams the cache once (q @ K^T and p @ V make onnxruntime pack, i.e. copy, the whole
+        cache first; docs/performance.md has the profile).
         n: past_k.shape[2] (S + W, or fewer slots while the ring is still filling), given by the caller so that
         the graph reads the ring's length once, not per layer.
         q_rope, sink_rope: ropes_at's rotations at the queries' positions and at their sink positions.
         Queries and keys are rotated together (one RotaryEmbedding kernel in the graph), and 1/sqrt(hd) is
         applied to each score matmul (onnxruntime folds it into the matmul): a one-token step's small operators
-        cost microseconds each whatever their size, so the formulation keeps them few (SmolLM2's optimized
-        graph: 2,191 -> 1,894 -> 1,674). Every reshape
-        has one free (-1) axis, the new tokens', so the exported graph does no shape arithmetic.
+        cost microseconds each whatever their size, so the formulation keeps them few. Every reshape has one
+        free (-1) axis, the new tokens', so the exported graph does no shape arithmetic.
         Returns the output, the new keys (B, KV, T, hd) and the new values (B, KV, hd, T), in cache layout."""
         cfg = self.cfg
         B = graph_batch(x)
