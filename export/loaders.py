@@ -314,7 +314,11 @@ def hf_config(c: dict, tensors: dict, window: int | None) -> ModelConfig:
             if have != want:
                 raise CortexError(f"checkpoint {'has' if have else 'lacks'} {kind} tensors but config.json "
                                   f"{'does not declare' if have else 'declares'} them")
-        tied = bool(c.get("tie_word_embeddings", False)) or "lm_head.weight" not in tensors
+        # tied when the checkpoint has no output matrix, or declares tying and stores the same matrix twice; a
+        # different lm_head.weight is used as is, as transformers does (it warns and does not tie)
+        head = tensors.get("lm_head.weight")
+        tied = head is None or (bool(c.get("tie_word_embeddings", False))
+                                and np.array_equal(head, tensors.get("model.embed_tokens.weight")))
         return _model_config(vocab=int(c["vocab_size"]), dim=dim, n_layers=int(c["num_hidden_layers"]),
                              n_heads=n_heads, n_kv=int(c.get("num_key_value_heads") or n_heads), head_dim=head_dim,
                              ffn=int(c["intermediate_size"]), eps=c.get("rms_norm_eps", 1e-6), theta=theta,

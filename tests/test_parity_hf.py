@@ -258,3 +258,25 @@ def test_chat_takes_a_checkpoint_folder_and_exports_it_once(tmp_path):
     assert ref["library"].startswith("transformers") and ref["max_abs_logit_diff"] <= 1e-3
     r = run()
     assert r.returncode == 0 and "first run" not in r.stderr, r.stderr
+
+
+def test_an_untied_head_under_a_tying_config_is_used_as_transformers_uses_it(tmp_path):
+    """tie_word_embeddings true but a different lm_head.weight stored: transformers uses both (and warns)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from cortex_edge.export.loaders import load_hf_folder
+
+    hf, path = _tiny_hf(tmp_path, "llama", tie_word_embeddings=True)
+    f = next(path.glob("*.safetensors"))
+    t = load_file(str(f))
+    t["lm_head.weight"] = torch.randn_like(t["model.embed_tokens.weight"]) * 0.05
+    save_file(t, str(f), metadata={"format": "pt"})
+    from transformers import AutoModelForCausalLM
+
+    ref_model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    model, _, _ = load_hf_folder(path, window=128)
+    ids = np.random.default_rng(3).integers(3, 264, 32).tolist()
+    ours, _ = _greedy_ours(model, ids, 1)
+    ref, _ = _greedy_hf(ref_model, ids, 1)
+    assert float((ours - ref).abs().max()) <= PARITY_ATOL
