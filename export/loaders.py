@@ -220,6 +220,33 @@ def load_gguf(path: Path, window: int | None = None):
     return _build(cfg, tensors), tok, meta
 
 
+# llama.cpp's pre-tokenizer regexes (llama-vocab.cpp), by tokenizer.ggml.pre; the split is followed by the
+# byte-level mapping, as in the models' own tokenizer.json. Any other value is refused by name.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
+GGUF_PRE = {
+    "default": ("gpt2", None), "gpt2": ("gpt2", None),
+    "smollm": ("digits", None), "starcoder": ("digits", None), "refact": ("digits", None),
+    "llama-bpe": ("split", _LLAMA3_SPLIT), "llama3": ("split", _LLAMA3_SPLIT),
+    "qwen2": ("split", _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")),
+}
+
+
+def gguf_pre_tokenizer(name):
+    from tokenizers import Regex, pre_tokenizers
+
+    if name not in GGUF_PRE:
+        raise _refuse("GGUF metadata tokenizer.ggml.pre", name)
+    kind, pattern = GGUF_PRE[name]
+    if kind == "split":
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    pre = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    if kind == "digits":
+        pre.insert(0, pre_tokenizers.Digits(individual_digits=True))
+    return pre_tokenizers.Sequence(pre)
+
+
 def gguf_tokenizer(r):
     """An HF `tokenizers` BPE tokenizer from GGUF metadata (tokenizer.ggml.model == gpt2)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -232,10 +259,7 @@ def gguf_tokenizer(r):
     merges = [tuple(m.split(" ", 1)) for m in _field(r, "tokenizer.ggml.merges", [])]
     vocab = {t: i for i, t in enumerate(tokens)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-    pre = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
-    if _field(r, "tokenizer.ggml.pre") in ("smollm", "starcoder", "refact"):
-        pre.insert(0, pre_tokenizers.Digits(individual_digits=True))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(pre)
+    tok.pre_tokenizer = gguf_pre_tokenizer(_field(r, "tokenizer.ggml.pre", "default"))
     tok.decoder = decoders.ByteLevel()
     specials = [t for t, ty in zip(tokens, types) if ty == 3]  # CONTROL tokens
     tok.add_special_tokens(specials)

@@ -114,3 +114,20 @@ def test_manifest_records_quantization_and_stream_validation(bundle_int8):
     v = man["validation"]["stream"]
     assert v["tokens"] == 300 and v["events"] >= 3 and v["window_wrapped"]
     assert len(v["state"]) == 3
+
+
+def test_gguf_pre_tokenizers_split_as_their_models_do():
+    """llama.cpp's tokenizer.ggml.pre names: Llama 3 groups digits by three, Qwen2 and SmolLM2 one by one,
+    GPT-2 keeps a number whole; an unknown name is refused, not tokenized another way."""
+    from cortex_edge.export.loaders import gguf_pre_tokenizer
+    from cortex_edge.runtime.errors import CortexError
+
+    def split(name):
+        return [w for w, _ in gguf_pre_tokenizer(name).pre_tokenize_str("I've 12345 cats!!\n\nOK")]
+
+    assert split("llama-bpe") == ["I", "'ve", "Ġ", "123", "45", "Ġcats", "!!ĊĊ", "OK"]
+    assert split("qwen2") == ["I", "'ve", "Ġ", "1", "2", "3", "4", "5", "Ġcats", "!!ĊĊ", "OK"]
+    assert split("smollm") == ["I", "'ve", "Ġ", "1", "2", "3", "4", "5", "Ġcats", "!!", "Ċ", "Ċ", "OK"]
+    assert split("default") == ["I", "'ve", "Ġ12345", "Ġcats", "!!", "Ċ", "Ċ", "OK"]
+    with pytest.raises(CortexError, match="tokenizer.ggml.pre"):
+        gguf_pre_tokenizer("deepseek-llm")
