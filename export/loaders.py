@@ -249,7 +249,7 @@ def gguf_pre_tokenizer(name):
 
 def gguf_tokenizer(r):
     """An HF `tokenizers` BPE tokenizer from GGUF metadata (tokenizer.ggml.model == gpt2)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models
 
     kind = _field(r, "tokenizer.ggml.model")
     if kind != "gpt2":
