@@ -1,4 +1,5 @@
-"""The device side runs with torch unimportable: runtime, quantize codecs and the CLI's chat/bench/info."""
+"""The device side runs with torch unimportable: runtime (the server too), quantize codecs and the CLI's
+chat/bench/info/sessions."""
 
 from __future__ import annotations
 
@@ -25,8 +26,11 @@ def run_blocked(code: str, *args: str) -> subprocess.CompletedProcess:
 
 def test_runtime_quantize_and_cli_import_without_torch():
     r = run_blocked("""
+        import importlib.util
         import cortex_edge.runtime.engine, cortex_edge.runtime.cms, cortex_edge.runtime.session
         import cortex_edge.runtime.chat, cortex_edge.runtime.bench, cortex_edge.quantize.state_codec
+        if importlib.util.find_spec("starlette") is not None:  # the serve extra
+            import cortex_edge.runtime.serve
         import cortex_edge.quantize.weights, cortex_edge.cli, cortex_edge.config, cortex_edge.contract
         try:
             import torch
@@ -46,7 +50,7 @@ def test_chat_bench_info_run_without_torch(bundle_int8, tmp_path):
         for argv in (["info", {str(bundle_int8)!r}],
                      ["chat", {str(bundle_int8)!r}, "--prompt", "hello", "--max-new-tokens", "8", "--seed", "1"],
                      ["bench", {str(bundle_int8)!r}, "--context", "0,64", "--new-tokens", "4", "--json",
-                      {str(tmp_path / "b.json")!r}]):
+                      {str(tmp_path / "b.json")!r}], ["sessions", "list"]):
             try:
                 main(argv)
             except SystemExit as e:
