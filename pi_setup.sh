@@ -108,7 +108,7 @@ fi
 # ---------------------------------------------------------------- 4. the runtime (no torch)
 say "4/5 installing the cortex-edge runtime from $SOURCE (no torch)"
 SPEC=$SOURCE
-if [ "$SERVE" = 1 ]; then SPEC="$SOURCE[serve]"; fi  # pip takes extras on a folder, a wheel or a name
+if [ "$SERVE" = 1 ]; then SPEC="${SOURCE}[serve]"; fi  # pip takes extras on a folder, a wheel or a name
 run "$VENV/bin/python" -m pip install --disable-pip-version-check -q --upgrade "$SPEC"
 if [ "$DRY" = 0 ] && "$VENV/bin/python" -c 'import torch' >/dev/null 2>&1; then
   warn "torch is importable in $VENV; the runtime does not need it"
