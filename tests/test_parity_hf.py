@@ -280,3 +280,78 @@ def test_an_untied_head_under_a_tying_config_is_used_as_transformers_uses_it(tmp
     ours, _ = _greedy_ours(model, ids, 1)
     ref, _ = _greedy_hf(ref_model, ids, 1)
     assert float((ours - ref).abs().max()) <= PARITY_ATOL
+
+
+def _write_gguf(hf, path, rope_freqs=None):
+    """The transformers model as a llama.cpp-style GGUF (q/k rows permuted, F32 tensors, a byte-level vocab)."""
+    from gguf import GGUFWriter
+
+    from cortex_edge.export.builtin import SPECIALS, bytes_to_unicode
+
+    c = hf.config
+    H, KV = c.num_attention_heads, c.num_key_value_heads
+    hd = c.hidden_size // H
+
+    def permute(w, n):
+        return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    w = GGUFWriter(str(path), "llama")
+    w.add_context_length(512)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(H)
+    w.add_head_count_kv(KV)
+    w.add_rope_dimension_count(hd)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
+    tokens = list(SPECIALS) + [ch for _, ch in sorted(bytes_to_unicode().items())]
+    tokens += [f"<unused{i}>" for i in range(c.vocab_size - len(tokens))]
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
+    w.add_token_merges([])
+    sd = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
+    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    if not c.tie_word_embeddings:
+        w.add_tensor("output.weight", sd["lm_head.weight"])
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, np.float32))
+    for i in range(c.num_hidden_layers):
+        for ours, theirs in names.items():
+            t = sd[f"model.layers.{i}.{ours}.weight"]
+            t = permute(t, H) if theirs == "attn_q" else permute(t, KV) if theirs == "attn_k" else t
+            w.add_tensor(f"blk.{i}.{theirs}.weight", np.ascontiguousarray(t))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_a_llama3_gguf_with_rope_freqs_matches_transformers(tmp_path):
+    """A Llama 3.x-style GGUF carries its RoPE scaling as a rope_freqs tensor (llama.cpp's convert writes the
+    per-frequency divisors): read back, the model computes what transformers computes with rope_parameters."""
+    from cortex_edge.config import llama3_divisors
+    from cortex_edge.export.loaders import load_gguf
+
+    rope = {**LLAMA3, "original_max_position_embeddings": 256}  # hd 16: one frequency in the blended band
+    hf, _ = _tiny_hf(tmp_path, "llama", rope_parameters=rope, tie_word_embeddings=False)
+    hd = hf.config.hidden_size // hf.config.num_attention_heads
+    freqs = llama3_divisors(hd, rope["rope_theta"], rope["factor"], rope["low_freq_factor"],
+                            rope["high_freq_factor"], rope["original_max_position_embeddings"])
+    assert len(set(freqs)) > 2  # long, short and blended frequencies all present
+    _write_gguf(hf, tmp_path / "m.gguf", rope_freqs=freqs)
+    model, _, _ = load_gguf(tmp_path / "m.gguf", window=128)
+    assert model.cfg.rope_freq_divisors == pytest.approx(freqs, rel=1e-6)
+    ids = np.random.default_rng(4).integers(3, 264, 64).tolist()
+    ours, our_tokens = _greedy_ours(model, ids, 16)
+    ref, ref_tokens = _greedy_hf(hf, ids, 16)
+    assert float((ours - ref).abs().max()) <= PARITY_ATOL
+    assert our_tokens == ref_tokens
+    _write_gguf(hf, tmp_path / "plain.gguf")  # the same file without rope_freqs computes something else
+    plain, _, _ = load_gguf(tmp_path / "plain.gguf", window=128)
+    assert float((_greedy_ours(plain, ids, 1)[0] - ref).abs().max()) > 10 * PARITY_ATOL
