@@ -135,9 +135,22 @@ def test_every_supported_feature_matches_transformers(tmp_path, feature):
     assert our_tokens == ref_tokens
 
 
-def test_all_features_through_the_exported_bundle(tmp_path):
-    """Biases everywhere, GELU, llama3 RoPE, untied, GQA: transformers against the exported fp32 bundle
-    (onnxruntime + the NumPy runtime), logits over 64 tokens and 32 greedy tokens."""
+COMPOSITES = {  # between them, every feature of FEATURES, through a bundle
+    "biases, tanh GELU, llama3 RoPE, untied, GQA 4:1": ("llama", dict(
+        attention_bias=True, mlp_bias=True, hidden_act="gelu_pytorch_tanh", rope_parameters=LLAMA3,
+        tie_word_embeddings=False, num_key_value_heads=1)),
+    "exact GELU, linear RoPE, explicit head_dim, MHA, MLP bias": ("llama", dict(
+        hidden_act="gelu", head_dim=32, num_key_value_heads=4, mlp_bias=True,
+        rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0})),
+    "qwen2 in bf16": ("qwen2", dict(dtype="bfloat16")),
+    "mistral, wide window, fp16": ("mistral", dict(sliding_window=4096, dtype="float16")),
+}
+
+
+@pytest.mark.parametrize("composite", COMPOSITES)
+def test_every_feature_through_the_exported_bundle(tmp_path, composite):
+    """transformers against the exported fp32 bundle (onnxruntime + the NumPy runtime), logits over 64
+    tokens and 32 greedy tokens."""
     import torch
 
     from cortex_edge.export.bundle_writer import write_bundle
@@ -145,8 +158,8 @@ def test_all_features_through_the_exported_bundle(tmp_path):
     from cortex_edge.runtime.bundle import load_bundle
     from cortex_edge.runtime.engine import Engine
 
-    hf, path = _tiny_hf(tmp_path, "llama", attention_bias=True, mlp_bias=True, hidden_act="gelu_pytorch_tanh",
-                        rope_parameters=LLAMA3, tie_word_embeddings=False, num_key_value_heads=1)
+    arch, kw = COMPOSITES[composite]
+    hf, path = _tiny_hf(tmp_path, arch, **kw)
     model, tok, meta = load_hf_folder(path, window=128)
     out = tmp_path / "bundle"
     write_bundle(model, tok, meta, out, weights="fp32", state="fp32", source=str(path), quiet=True)
