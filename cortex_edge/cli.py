@@ -210,8 +210,6 @@ def chat(bundle, session, no_session, new_session, prompt, system, max_new_token
     a cache on first use; a .gguf file or a Hugging Face folder is exported once into the cache too).
     Type /help in the chat for its commands."""
     from cortex_edge.runtime import session as sess
-    from cortex_edge.runtime.chat import Chat
-    from cortex_edge.runtime.errors import CortexError
     from cortex_edge.runtime.sampling import Sampling
 
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, repeat_penalty=repeat_penalty,
@@ -233,20 +231,23 @@ def chat(bundle, session, no_session, new_session, prompt, system, max_new_token
         held = sess.SessionFile(path, on_wait=lambda: click.echo(
             f"waiting for session {session}: another cortex-edge is using it", err=True))
     try:
-        _chat(engine, held, session, new_session, prompt, system, sampling, max_new_tokens, ignore_eos,
-              Chat, sess, CortexError, tuple(stop))
+        _chat(engine, held, session, new_session, prompt, system, sampling, max_new_tokens, ignore_eos, tuple(stop))
     finally:
         if held is not None:
             held.close()
 
 
-def _chat(engine, held, session, new_session, prompt, system, sampling, max_new_tokens, ignore_eos,
-          Chat, sess, CortexError, stop):
+def _chat(engine, held, session, new_session, prompt, system, sampling, max_new_tokens, ignore_eos, stop):
+    """The chat on an engine and an already locked session (or none): one --prompt turn, or the REPL."""
+    from cortex_edge.runtime import session as sess
+    from cortex_edge.runtime.chat import Chat
+    from cortex_edge.runtime.errors import CortexError
+
     state, turns = None, 0
     if held is not None and not new_session:
         try:
             state, extra, which = held.load(engine)
-            turns = int(extra.get("turns", 0)) if isinstance(extra.get("turns", 0), int) else 0
+            turns = sess.turns(extra)
             if which == "backup":
                 click.echo(f"warning: session {session} was damaged; restored its previous version", err=True)
         except FileNotFoundError:

@@ -124,7 +124,9 @@ class Chat:
                 stopped = True
                 break
             text += dec.push(tok)
-            cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+            # a new occurrence starts at or after `shown` (held keeps back len(longest stop) - 1 characters), so
+            # only the unshown tail is searched: linear in the answer, not quadratic
+            cut = min((i for i in (text.find(s, shown) for s in stop if s) if i >= 0), default=-1)
             if cut >= 0:  # a stop string: the answer ends before it
                 if cut > shown:
                     yield text[shown:cut]

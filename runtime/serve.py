@@ -169,7 +169,7 @@ class Server:
             if held is not None:
                 try:
                     state, extra, _ = held.load(self.engine)
-                    turns = int(extra.get("turns", 0)) if isinstance(extra.get("turns"), int) else 0
+                    turns = sess.turns(extra)
                     history = []  # the state holds the conversation: only the new message is fed
                 except FileNotFoundError:
                     pass

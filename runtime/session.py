@@ -285,6 +285,12 @@ def remove(path: Path) -> list[str]:
     return gone
 
 
+def turns(extra: dict) -> int:
+    """The turn count a session's extra metadata holds (0 when absent or not an integer)."""
+    t = extra.get("turns", 0)
+    return t if isinstance(t, int) and not isinstance(t, bool) else 0
+
+
 class SessionFile:
     """A named session held by this process from open() to close(): load once, save after each turn.
 

@@ -158,9 +158,8 @@ class StreamDecoder:
     def _emit(self, force: bool) -> str:
         old = self._text(self.start, self.done)
         new = self._text(self.start, len(self.ids))
-        if (new.endswith("\ufffd") and not force) or len(new) < len(old) or not new.startswith(old):
-            if not force:
-                return ""
+        if not force and (new.endswith("\ufffd") or not new.startswith(old)):
+            return ""
         delta = new[len(old):] if new.startswith(old) else new
         self.done = len(self.ids)
         self.start = max(0, self.done - self.CONTEXT)
