@@ -99,10 +99,11 @@ def _ctrl_c_scenario(p, saved, tmp_path):
     import select
 
     got, deadline = b"", time.time() + 600
-    while len(got) < 12 and time.time() < deadline:  # the "> " prompt, then streamed answer bytes
+    want = len("> assistant> ") + 12  # the prompt and the answer's label, then 12 streamed answer bytes
+    while len(got) < want and time.time() < deadline:
         if select.select([p.stdout], [], [], 1.0)[0]:
             got += os.read(p.stdout.fileno(), 64)
-    assert len(got) >= 12, got  # generation is under way (it cannot end: --ignore-eos, 10^6 tokens)
+    assert len(got) >= want, got  # generation is under way (it cannot end: --ignore-eos, 10^6 tokens)
     p.send_signal(signal.SIGINT)
     time.sleep(0.5)
     p.stdin.write(b"/quit\n")
