@@ -37,6 +37,11 @@ class CMSConfig:
     hybrid_mix: float = 0.5  # lambda in hybrid addressing: lambda * content + (1 - lambda) * lru
     delta_rule: bool = False  # erase what the address holds before writing (slot form of the gated delta rule)
     write_threshold: float = 0.0  # tau: gate g writes max(g - tau, 0) / (1 - tau); below tau decay only, usage kept
+    # the row level: the key/value rows of chosen tokens, read by the attention of layers rows_from.. (runtime/rows.py)
+    rows: int = 0  # R: token slots of the row level (0: none)
+    rows_from: int = 0  # first layer whose attention reads the rows (they hold layers rows_from..n_layers-1)
+    rows_threshold: float = 0.5  # a token is written when its gate g > rows_threshold (and beats the weakest slot)
+    rows_decay: float = 1e-3  # each write decays every slot's usage by (1 - rows_decay): old rows yield, slowly
 
     @property
     def levels(self) -> int:
@@ -66,6 +71,16 @@ class CMSConfig:
             raise ConfigError("cms.hybrid_mix must lie in [0, 1]")
         if not 0.0 <= self.write_threshold < 1.0:
             raise ConfigError("cms.write_threshold must lie in [0, 1)")
+        for name in ("rows", "rows_from"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_SIZE:
+                raise ConfigError(f"cms.{name} must be an integer in [0, {MAX_SIZE}]")
+        if not 0.0 < self.rows_threshold < 1.0 or not 0.0 <= self.rows_decay < 1.0:
+            raise ConfigError("cms needs 0 < rows_threshold < 1 and 0 <= rows_decay < 1")
+
+    def row_layers(self, n_layers: int) -> range:
+        """The layers whose attention reads the row level (empty without one)."""
+        return range(self.rows_from, n_layers) if self.rows else range(0)
 
     def state_floats(self) -> list[int]:
         """fp32 values held per level: memory N*d plus keys N*d_k."""
@@ -122,6 +137,9 @@ class ModelConfig:
             raise ConfigError(f"memory_layer must be in [0, {self.n_layers})")
         if self.cms.chunk > self.window:
             raise ConfigError("cms.chunk must not exceed the attention window")
+        if self.cms.rows and not (self.sinks and 0 <= self.cms.rows_from < self.n_layers):
+            raise ConfigError(f"a row level needs sinks (its rows are seen from the sinks' query) and cms.rows_from in "
+                              f"[0, {self.n_layers})")
         self.cms.validate()
 
     def to_dict(self) -> dict[str, Any]:
@@ -199,6 +217,12 @@ def tiny_config() -> ModelConfig:
             decay=(0.05, 0.01, 0.002),
         ),
     )
+
+
+def tiny_rows_config() -> ModelConfig:
+    """builtin:tiny with a row level read by its last block (tests of the row memory)."""
+    t = tiny_config()
+    return dataclasses.replace(t, cms=dataclasses.replace(t.cms, rows=8, rows_from=1, rows_threshold=0.5))
 
 
 def recall_config() -> ModelConfig:

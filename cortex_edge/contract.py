@@ -21,6 +21,10 @@ Graph signature:
                                                 caches as the left operand of a matmul: lm.py Attention)
   mem.{l}            (N_l, d_l)        float32  CMS level l memory (dequantized stored state)
   mem_key.{l}        (N_l, d_k)        float32  CMS level l keys
+  row_key.{i}        (1, KV, R, hd)    float32  the row level's keys for layer i (i in cms.row_layers: only with
+                                                a row level), rotated at their slot's position (runtime/rows.py)
+  row_value.{i}      (1, KV, hd, R)    float32  its values, transposed like past_value
+  row_mask           (T, R)            float32  additive: a row is visible once its token has left the window
 ->
   logits             (1, T - logits_from, V) float32
   new_key.{i}        (1, KV, T, hd)    float32  keys of the new tokens rotated at q_pos (the runtime writes the ring)
@@ -31,6 +35,8 @@ Graph signature:
 from __future__ import annotations
 
 CONTRACT_VERSION = 3  # 2: keys cached rotated (no win_pos), sink_q_pos, logits_from; 3: values cached transposed
+# (a model with a row level adds row_key, row_value, row_mask and the rows.* write weights; without one a graph is
+# exactly what it was, so bundles of version 3 without rows still load)
 BUNDLE_FORMAT = "cortex-edge-bundle"
 
 # ---- files inside a bundle
@@ -45,6 +51,7 @@ Q_POS = "q_pos"
 SINK_Q_POS = "sink_q_pos"
 ATTN_MASK = "attn_mask"
 LOGITS_FROM = "logits_from"
+ROW_MASK = "row_mask"
 
 
 def past_key(i: int) -> str:
@@ -63,6 +70,14 @@ def mem_key(level: int) -> str:
     return f"mem_key.{level}"
 
 
+def row_key(i: int) -> str:
+    return f"row_key.{i}"
+
+
+def row_value(i: int) -> str:
+    return f"row_value.{i}"
+
+
 # ---- graph outputs
 LOGITS = "logits"
 WRITE_FEAT = "write_feat"
@@ -76,12 +91,16 @@ def new_value(i: int) -> str:
     return f"new_value.{i}"
 
 
-def input_names(n_layers: int, n_levels: int) -> list[str]:
+def input_names(n_layers: int, n_levels: int, row_layers=()) -> list[str]:
     names = [INPUT_IDS, Q_POS, SINK_Q_POS, ATTN_MASK, LOGITS_FROM]
     for i in range(n_layers):
         names += [past_key(i), past_value(i)]
     for level in range(n_levels):
         names += [mem(level), mem_key(level)]
+    if len(row_layers):
+        for i in row_layers:
+            names += [row_key(i), row_value(i)]
+        names.append(ROW_MASK)
     return names
 
 
@@ -95,6 +114,13 @@ def output_names(n_layers: int) -> list[str]:
 # ---- the jump map's weights (NumPy side), stored in CMS_WRITE_WEIGHTS.  Keys are the torch
 # parameter names of cortex_edge.model.cms.CMSWriter, prefixed by nothing.
 WRITE_QUERY = "query.weight"  # (d_k, d_z): query that reads the level below during consolidation
+
+
+# the row level's write gate (runtime/rows.py), in the same file
+ROWS_Z_WEIGHT = "rows.z.weight"  # (d_z, d_z)
+ROWS_Z_BIAS = "rows.z.bias"  # (d_z,)
+ROWS_GATE_WEIGHT = "rows.gate.weight"  # (1, d_z)
+ROWS_GATE_BIAS = "rows.gate.bias"  # (1,)
 
 
 def write_param(level: int, name: str) -> str:
@@ -114,6 +140,7 @@ DEFAULT_STATE = "int8"
 # ---- sessions (durable chat state)
 SESSION_MAGIC = "cortex-edge-session"
 SESSION_VERSION = 3  # 2: ring keys stored rotated in the frame of runtime/ring.py; 3: values transposed
+# (a model with a row level adds rows.* tensors; its bundle's fingerprint differs from any model without one)
 SESSION_SUFFIX = ".cxs"
 
 # ---- validation tolerances (export vs torch), named as optimum's ATOL_FOR_VALIDATION

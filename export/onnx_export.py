@@ -41,11 +41,16 @@ class GraphModule(nn.Module):
         cfg = self.m.cfg
         L, lv = cfg.n_layers, cfg.cms.levels
         pk, pv = list(state[0:2 * L:2]), list(state[1:2 * L:2])
-        mems = [t.unsqueeze(0) for t in state[2 * L::2]]  # (1, N_l, d_l)
-        keys = [t.unsqueeze(0) for t in state[2 * L + 1::2]]
+        cms = state[2 * L:2 * L + 2 * lv]
+        mems = [t.unsqueeze(0) for t in cms[0::2]]  # (1, N_l, d_l)
+        keys = [t.unsqueeze(0) for t in cms[1::2]]
         assert len(mems) == lv
+        rows = {}
+        if cfg.cms.rows:
+            r = state[2 * L + 2 * lv:]
+            rows = {"row_keys": list(r[0:-1:2]), "row_values": list(r[1:-1:2]), "row_mask": r[-1]}
         logits, nk, nv, feat = self.m.step(input_ids, q_pos, sink_q_pos, attn_mask, pk, pv, mems, keys,
-                                              logits_from=logits_from)
+                                              logits_from=logits_from, **rows)
         out = [logits]
         for k, v in zip(nk, nv):
             out += [k, v]
@@ -66,12 +71,18 @@ def example_inputs(cfg, t: int, n_past: int, seed: int = 0, logits_from: int = 0
     for lvl, (n, d) in enumerate(zip(cfg.cms.slots, cfg.cms.widths)):
         feed[contract.mem(lvl)] = rng.standard_normal((n, d)).astype(np.float32)
         feed[contract.mem_key(lvl)] = rng.standard_normal((n, cfg.cms.key_dim)).astype(np.float32)
+    R = cfg.cms.rows
+    for i in cfg.cms.row_layers(cfg.n_layers):
+        feed[contract.row_key(i)] = rng.standard_normal((1, cfg.n_kv_heads, R, cfg.head_dim)).astype(np.float32)
+        feed[contract.row_value(i)] = rng.standard_normal((1, cfg.n_kv_heads, cfg.head_dim, R)).astype(np.float32)
+    if R:  # some rows visible, some not
+        feed[contract.ROW_MASK] = np.where(rng.random((t, R)) < 0.5, 0.0, ring.NEG_INF).astype(np.float32)
     return feed
 
 
 def run_torch(module: GraphModule, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
     cfg = module.m.cfg
-    names = contract.input_names(cfg.n_layers, cfg.cms.levels)
+    names = contract.input_names(cfg.n_layers, cfg.cms.levels, cfg.cms.row_layers(cfg.n_layers))
     with torch.no_grad():
         outs = module(*[torch.from_numpy(feed[n]) for n in names])
     return [o.numpy() for o in outs]
@@ -82,7 +93,7 @@ def export_graph(model: CortexLM, path: Path) -> None:
     module = GraphModule(model)
     t = 2  # >= 2, or the exporter freezes the size into the graph
     feed = example_inputs(cfg, t, n_past=cfg.sinks + cfg.window + 3, logits_from=1)
-    in_names = contract.input_names(cfg.n_layers, cfg.cms.levels)
+    in_names = contract.input_names(cfg.n_layers, cfg.cms.levels, cfg.cms.row_layers(cfg.n_layers))
     out_names = contract.output_names(cfg.n_layers)
     dyn = {contract.INPUT_IDS: {1: "T"}, contract.Q_POS: {0: "T"}, contract.SINK_Q_POS: {0: "T"},
            contract.ATTN_MASK: {0: "T", 1: "SWT"}, contract.LOGITS: {1: "T_out"}, contract.WRITE_FEAT: {1: "T"}}
@@ -91,6 +102,8 @@ def export_graph(model: CortexLM, path: Path) -> None:
         dyn[contract.new_value(i)] = {3: "T"}
         dyn[contract.past_key(i)] = {2: "P"}  # S + W, or fewer while the ring fills (runtime/engine.py)
         dyn[contract.past_value(i)] = {3: "P"}
+    if cfg.cms.rows:
+        dyn[contract.ROW_MASK] = {0: "T"}
     args = tuple(torch.from_numpy(feed[n]) for n in in_names)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -31,6 +31,7 @@ from cortex_edge import contract
 from cortex_edge.config import ModelConfig
 from cortex_edge.quantize import state_codec
 from cortex_edge.runtime import cms, ring
+from cortex_edge.runtime import rows as rows_mod
 from cortex_edge.runtime.bundle import Bundle
 from cortex_edge.runtime.errors import BundleError
 
@@ -51,6 +52,8 @@ class State:
     n: int = 0
     events: int = 0
     views: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # derived fp32 (mem, keys)
+    rows: rows_mod.RowState | None = None  # the row level (runtime/rows.py), when the model has one
+    row_views: tuple[list[np.ndarray], list[np.ndarray]] | None = None  # derived fp32 graph inputs
 
     def copy(self) -> State:
         return copy.deepcopy(self)
@@ -75,7 +78,8 @@ class Engine:
         release_free_memory()
         self.write_w = load_write_weights(bundle)
         L, lv = self.cfg.n_layers, self.cfg.cms.levels
-        self._in = contract.input_names(L, lv)
+        self.row_layers = self.cfg.cms.row_layers(L)
+        self._in = contract.input_names(L, lv, self.row_layers)
         self._out = contract.output_names(L)
         self._check_graph_shapes()
 
@@ -87,6 +91,9 @@ class Engine:
         for lvl, (n, d) in enumerate(zip(c.cms.slots, c.cms.widths)):
             want[contract.mem(lvl)] = [n, d]
             want[contract.mem_key(lvl)] = [n, c.cms.key_dim]
+        for i in self.row_layers:
+            want[contract.row_key(i)] = [1, c.n_kv_heads, c.cms.rows, c.head_dim]
+            want[contract.row_value(i)] = [1, c.n_kv_heads, c.head_dim, c.cms.rows]
         got = {i.name: i.shape for i in self.sess.get_inputs()}
         if set(got) != set(self._in) or [o.name for o in self.sess.get_outputs()] != self._out:
             raise BundleError("bundle graph does not have the contract's inputs and outputs")
@@ -146,6 +153,8 @@ class Engine:
         st = State(keys=[_regrow(no_k, P, full, axis=2) for _ in range(c.n_layers)],
                    values=[_regrow(no_v, P, full, axis=3) for _ in range(c.n_layers)],
                    levels=levels, acc=np.zeros(c.cms.event_dim, np.float32))
+        if c.cms.rows:
+            st.rows = rows_mod.empty(c, self.state_format)
         self.refresh_views(st)
         return st
 
@@ -161,9 +170,17 @@ class Engine:
     def refresh_views(self, st: State) -> None:
         st.views = [(np.ascontiguousarray(state_codec.decode(s.mem, self.state_format)),
                      np.ascontiguousarray(state_codec.decode(s.keys, self.state_format))) for s in st.levels]
+        if st.rows is not None:
+            st.row_views = rows_mod.views(st.rows, self.cfg, self.state_format)
 
     def state_bytes(self, st: State) -> list[int]:
-        return [state_codec.nbytes(s.mem) + state_codec.nbytes(s.keys) + s.usage.nbytes for s in st.levels]
+        """Bytes of the stored memory per CMS level (the row level last, when there is one)."""
+        out = [state_codec.nbytes(s.mem) + state_codec.nbytes(s.keys) + s.usage.nbytes for s in st.levels]
+        if st.rows is not None:
+            r = st.rows
+            out.append(state_codec.nbytes(r.keys) + state_codec.nbytes(r.values) + r.usage.nbytes + r.token.nbytes
+                       + r.pending.nbytes)
+        return out
 
     # ------------------------------------------------------------------ stepping
     def _piece(self, st: State, ids: np.ndarray, memory: bool = True, all_logits: bool = True) -> np.ndarray:
@@ -186,6 +203,13 @@ class Engine:
         for lvl, (m, k) in enumerate(views):
             feed[contract.mem(lvl)] = m
             feed[contract.mem_key(lvl)] = k
+        if st.rows is not None:
+            rk, rv = st.row_views if memory else self._empty_row_views()
+            for j, i in enumerate(self.row_layers):
+                feed[contract.row_key(i)] = rk[j]
+                feed[contract.row_value(i)] = rv[j]
+            a = st.n + np.arange(T, dtype=np.int64)
+            feed[contract.ROW_MASK] = rows_mod.mask(st.rows.token if memory else self._no_tokens, a, c.window)
         outs = self.sess.run(self._out, feed)
         for i in range(c.n_layers):
             st.keys[i][:, :, plan.slots, :] = outs[1 + 2 * i]
@@ -197,6 +221,9 @@ class Engine:
         feat = outs[-1][0]  # (T, d_z)
         for t in range(T):  # token by token: the same summation order whatever the piece size
             st.acc += feat[t]
+        if st.rows is not None and memory:
+            c0 = st.n % c.cms.chunk
+            st.rows.pending[c0:c0 + T] = rows_mod.gates(feat, self.write_w)
         st.n += T
         if st.n % c.cms.chunk == 0:
             if memory:
@@ -213,8 +240,22 @@ class Engine:
         new, info = cms.event_step(levels, s, st.events, self.write_w, c)
         st.levels = [self._store(x) for x in new]
         st.acc = np.zeros_like(st.acc)
-        self.refresh_views(st)
+        st.views = [(np.ascontiguousarray(state_codec.decode(x.mem, self.state_format)),
+                     np.ascontiguousarray(state_codec.decode(x.keys, self.state_format))) for x in st.levels]
+        if st.rows is not None:
+            info["rows"] = rows_mod.event(st.rows, st.keys, st.values, st.n, self.cfg, self.state_format)
+            if info["rows"]:  # rows change rarely: their views are rebuilt only then
+                st.row_views = rows_mod.views(st.rows, self.cfg, self.state_format)
         return info
+
+    def _empty_row_views(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        if not hasattr(self, "_zero_rows"):
+            c = self.cfg
+            R = c.cms.rows
+            self._zero_rows = ([np.zeros((1, c.n_kv_heads, R, c.head_dim), np.float32) for _ in self.row_layers],
+                               [np.zeros((1, c.n_kv_heads, c.head_dim, R), np.float32) for _ in self.row_layers])
+            self._no_tokens = np.full(R, -1, np.int64)
+        return self._zero_rows
 
     def _empty_views(self) -> list[tuple[np.ndarray, np.ndarray]]:
         if not hasattr(self, "_zeros"):
@@ -306,7 +347,10 @@ def load_write_weights(bundle: Bundle) -> dict[str, np.ndarray]:
         w = load_file(str(bundle.file(contract.CMS_WRITE_WEIGHTS)))
     except (SafetensorError, OSError) as e:
         raise BundleError(f"CMS write weights unreadable: {e}") from None
-    for k, shape in cms.write_param_shapes(bundle.config.cms).items():
+    shapes = cms.write_param_shapes(bundle.config.cms)
+    if bundle.config.cms.rows:
+        shapes.update(rows_mod.gate_param_shapes(bundle.config.cms.event_dim))
+    for k, shape in shapes.items():
         if k not in w:
             raise BundleError(f"CMS write weights lack {k}")
         if tuple(w[k].shape) != shape:

@@ -29,6 +29,7 @@ import numpy as np
 
 from cortex_edge import contract
 from cortex_edge.runtime.engine import Engine, State, StoredLevel
+from cortex_edge.runtime.rows import RowState
 from cortex_edge.runtime.errors import SessionError
 
 LOCK_WAIT_S = 600.0  # how long a second process waits for a session that another one holds
@@ -61,6 +62,12 @@ def _tensors(st: State, engine: Engine) -> dict[str, np.ndarray]:
             for k, a in enc.items():
                 t[f"cms.{lvl}.{part}.{k}"] = a
         t[f"cms.{lvl}.usage"] = s.usage
+    if st.rows is not None:
+        r = st.rows
+        for part, enc in (("keys", r.keys), ("values", r.values)):
+            for k, a in enc.items():
+                t[f"rows.{part}.{k}"] = a
+        t["rows.usage"], t["rows.token"], t["rows.pending"] = r.usage, r.token, r.pending
     return {k: np.ascontiguousarray(v) for k, v in t.items()}
 
 
@@ -190,6 +197,13 @@ def _parse(data: bytes, engine: Engine, expect: dict[str, np.ndarray]) -> tuple[
                                    keys={k.split(".")[-1]: t[k] for k in sorted(t) if k.startswith(f"cms.{lvl}.keys.")},
                                    usage=t[f"cms.{lvl}.usage"]) for lvl in range(cfg.cms.levels)],
                acc=t["acc"], n=n, events=events)
+    if cfg.cms.rows:
+        token = np.array(t["rows.token"])
+        if np.any(token >= n) or np.any(token < -1):
+            raise SessionError("session file rows are inconsistent with its counters")
+        st.rows = RowState(keys={k.split(".")[-1]: np.array(t[k]) for k in sorted(t) if k.startswith("rows.keys.")},
+                           values={k.split(".")[-1]: np.array(t[k]) for k in sorted(t) if k.startswith("rows.values.")},
+                           usage=np.array(t["rows.usage"]), token=token, pending=np.array(t["rows.pending"]))
     st.keys = [np.array(a) for a in st.keys]  # writable copies
     st.values = [np.array(a) for a in st.values]
     try:

@@ -86,6 +86,50 @@ class WriteLevel(nn.Module):
         self.decay = nn.Linear(cfg.event_dim, 1, bias=True)
 
 
+class RowWriter(nn.Module):
+    """The row level's write gate and its jump map, the obvious way (runtime/rows.py is the Pi's path)."""
+
+    def __init__(self, cfg: CMSConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.z = nn.Linear(cfg.event_dim, cfg.event_dim, bias=True)
+        self.gate = nn.Linear(cfg.event_dim, 1, bias=True)
+
+    def gates(self, feat: torch.Tensor) -> torch.Tensor:
+        """feat (B, T, d_z) -> g (B, T)"""
+        return torch.sigmoid(self.gate(torch.tanh(self.z(feat))))[..., 0]
+
+    @torch.no_grad()
+    def event(self, row_k: list[torch.Tensor], row_v: list[torch.Tensor], usage: torch.Tensor, token: torch.Tensor,
+              pending: torch.Tensor, ring_k: list[torch.Tensor], ring_v: list[torch.Tensor], n: int, mcfg, rotate_by):
+        """Commit the chunk ending at token n. row_k[i] (B, KV, R, hd), row_v[i] (B, KV, hd, R), usage (B, R),
+        token (B, R) long, pending (B, C); ring_k[i] (B, KV, P, hd) for the row layers, rotated in the ring's
+        frame; rotate_by(x, delta) rotates x by delta positions. Tensors are changed in place."""
+        from cortex_edge.runtime import ring
+
+        cfg = self.cfg
+        S, W, R = mcfg.sinks, mcfg.window, cfg.rows
+        f = ring.frame(n, S, W)
+        for b in range(usage.shape[0]):
+            for t in range(cfg.chunk):
+                a = n - cfg.chunk + t
+                g = float(pending[b, t])
+                if a < S or not g > cfg.rows_threshold:
+                    continue
+                j = int(torch.argmin(usage[b]))
+                if not float(usage[b, j]) < g:
+                    continue
+                slot = int(ring.slot_of(a, S, W))
+                delta = (S + W - 1 - (R - j)) - (a - f)
+                for i in range(len(row_k)):
+                    row_k[i][b, :, j] = rotate_by(ring_k[i][b, :, slot], delta)
+                    row_v[i][b, :, :, j] = ring_v[i][b, :, :, slot]
+                usage[b] *= 1.0 - cfg.rows_decay
+                usage[b, j] = g
+                token[b, j] = a
+        pending.zero_()
+
+
 class CMSWriter(nn.Module):
     """Write heads + the reference jump map. Parameter names are the keys of contract.CMS_WRITE_WEIGHTS."""
 
@@ -94,6 +138,7 @@ class CMSWriter(nn.Module):
         self.cfg = cfg
         self.query = nn.Linear(cfg.event_dim, cfg.key_dim, bias=False)
         self.levels = nn.ModuleList(WriteLevel(cfg, i) for i in range(cfg.levels))
+        self.rows = RowWriter(cfg) if cfg.rows else None
 
     def read(self, mem: torch.Tensor, keys: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """mem (B, N, d), keys (B, N, d_k), q (B, d_k) -> (B, d)"""

@@ -115,7 +115,7 @@ class Attention(nn.Module):
             self.qkv_proj.bias.copy_(torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]))
         del self.q_proj, self.k_proj, self.v_proj
 
-    def forward(self, x, q_rope, sink_rope, mask, past_k, past_v, n):
+    def forward(self, x, q_rope, sink_rope, mask, past_k, past_v, n, row_k=None, row_v=None):
         """past_k (B, KV, n, hd) holds keys already rotated (ring: in the current frame; sinks: at their own
         position); past_v (B, KV, hd, n) holds values transposed. Both caches are the left operand of their
         matmul, scores and probabilities are kept slots-by-queries: a one-token step is then a matrix times a
@@ -128,6 +128,8 @@ class Attention(nn.Module):
         applied to each score matmul (onnxruntime folds it into the matmul): a one-token step's small operators
         cost microseconds each whatever their size, so the formulation keeps them few. Every reshape has one
         free (-1) axis, the new tokens', so the exported graph does no shape arithmetic.
+        row_k (B, KV, R, hd), row_v (B, KV, hd, R): the row level (runtime/rows.py), seen from the sinks' query
+        position like the sinks; mask then covers [cache | rows | new tokens].
         Returns the output, the new keys (B, KV, T, hd) and the new values (B, KV, hd, T), in cache layout."""
         cfg = self.cfg
         B = graph_batch(x)
@@ -150,11 +152,18 @@ class Attention(nn.Module):
             qs = qs.reshape(B, KV, -1, hd).transpose(-1, -2)
             s_sink = torch.matmul(past_k[:, :, :S], qs) * scale  # (B, KV, S, G*T)
             parts = [s_sink, s_past[:, :, S:], s_new]
+            if row_k is not None:  # the rows, from the sinks' query position too
+                parts.insert(2, torch.matmul(row_k, qs) * scale)  # (B, KV, R, G*T)
         else:
             parts = [s_past, s_new]
         scores = torch.cat(parts, dim=2) + mask.t().repeat(1, G)  # mask (T, n+T) per head g
-        p = torch.softmax(scores, dim=2)  # over the n + T slots
-        o = torch.matmul(past_v, p[:, :, :n]) + torch.matmul(v, p[:, :, n:])  # (B, KV, hd, G*T), no K/V concat
+        p = torch.softmax(scores, dim=2)  # over the n (+ R) + T slots
+        if row_k is not None:
+            r = row_k.shape[2]
+            o = torch.matmul(past_v, p[:, :, :n]) + torch.matmul(row_v, p[:, :, n:n + r]) \
+                + torch.matmul(v, p[:, :, n + r:])
+        else:
+            o = torch.matmul(past_v, p[:, :, :n]) + torch.matmul(v, p[:, :, n:])  # (B, KV, hd, G*T), no K/V concat
         o = o.reshape(B, KV, hd, G, -1).permute(0, 4, 1, 3, 2).reshape(B, -1, H * hd)
         return self.o_proj(o), k, v
 
@@ -198,8 +207,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, q_rope, sink_rope, mask, past_k, past_v, n):
-        a, k, v = self.self_attn(self.input_layernorm(x), q_rope, sink_rope, mask, past_k, past_v, n)
+    def forward(self, x, q_rope, sink_rope, mask, past_k, past_v, n, row_k=None, row_v=None):
+        a, k, v = self.self_attn(self.input_layernorm(x), q_rope, sink_rope, mask, past_k, past_v, n, row_k, row_v)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), k, v
 
@@ -245,10 +254,12 @@ class CortexLM(nn.Module):
         return self
 
     def step(self, input_ids, q_pos, sink_q_pos, attn_mask, past_keys, past_values, mems, mem_keys,
-             return_stats: bool = False, logits_from: torch.Tensor | None = None):
+             return_stats: bool = False, logits_from: torch.Tensor | None = None, row_keys=None, row_values=None,
+             row_mask=None):
         """The graph. input_ids (B, T); q_pos, sink_q_pos (T,); past_keys[i] (B, KV, S+W, hd) rotated
         (runtime/ring.py), past_values[i] (B, KV, hd, S+W); mems[l] (B, N_l, d_l); mem_keys[l] (B, N_l, d_k).
         logits_from: () int64, logits of tokens logits_from.. only (None: all).
+        row_keys[j], row_values[j]: the row level for the j-th layer of cfg.cms.row_layers, row_mask (T, R).
         Returns logits (B, T, V), new keys (rotated at q_pos) (B, KV, T, hd) and values (B, KV, hd, T), as the
         caches hold them, and write_feat (B, T, d_z)."""
         cfg = self.cfg
@@ -257,8 +268,16 @@ class CortexLM(nn.Module):
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         new_k, new_v, feat, stats = [], [], None, None
         n = past_keys[0].shape[2]  # ring slots, read once for every layer
+        rl = cfg.cms.row_layers(cfg.n_layers)
+        if len(rl):  # one mask for the row layers: [cache | rows | new tokens]
+            row_attn_mask = torch.cat([attn_mask[:, :n], row_mask, attn_mask[:, n:]], dim=1)
         for i, layer in enumerate(self.model.layers):
-            x, k, v = layer(x, q_rope, sink_rope, attn_mask, past_keys[i], past_values[i], n)
+            if i in rl:
+                j = i - rl.start
+                x, k, v = layer(x, q_rope, sink_rope, row_attn_mask, past_keys[i], past_values[i], n,
+                                row_keys[j], row_values[j])
+            else:
+                x, k, v = layer(x, q_rope, sink_rope, attn_mask, past_keys[i], past_values[i], n)
             new_k.append(k)
             new_v.append(v)
             if i == cfg.memory_layer:
@@ -292,6 +311,14 @@ class TorchStream:
         self.acc = torch.zeros(batch, cfg.cms.event_dim)  # sum of write_feat over the current chunk
         self.event_log: list[dict] = []
         self.read_log: list[dict] | None = None  # set to [] to collect the reader's gate and level mix per piece
+        c, R = cfg.cms, cfg.cms.rows
+        rl = c.row_layers(cfg.n_layers)  # the row level (runtime/rows.py), fp32 here
+        self.row_k = [torch.zeros(batch, cfg.n_kv_heads, R, cfg.head_dim) for _ in rl]
+        self.row_v = [torch.zeros(batch, cfg.n_kv_heads, cfg.head_dim, R) for _ in rl]
+        self.row_usage = torch.zeros(batch, R)
+        self.row_token = torch.full((batch, R), -1, dtype=torch.long)
+        self.row_pending = torch.zeros(batch, c.chunk)
+        self.row_writes: list[tuple[int, int, float]] = []
 
     def piece(self, ids: torch.Tensor):
         """ids (B, T), not crossing a chunk boundary -> logits (B, T, V)"""
@@ -299,8 +326,17 @@ class TorchStream:
         T = ids.shape[1]
         plan = ring.plan_step(self.n, T, cfg.sinks, cfg.window)
         t = {k: torch.from_numpy(getattr(plan, k)) for k in ("q_pos", "sink_q_pos", "attn_mask")}
+        rows = {}
+        if cfg.cms.rows:
+            a = torch.arange(self.n, self.n + T)
+            tok = self.row_token
+            rows = {"row_keys": self.row_k, "row_values": self.row_v,  # (T, R), batch 1's bookkeeping per stream
+                    "row_mask": torch.where((tok[0][None, :] >= 0) & (a[:, None] - tok[0][None, :] >= cfg.window),
+                                            0.0, float(ring.NEG_INF))}
+            assert self.batch == 1 or not torch.any(tok >= 0), "rows reads are batch 1 (training caches its own)"
         out = self.model.step(ids, t["q_pos"], t["sink_q_pos"], t["attn_mask"],
-                              self.keys, self.values, self.mems, self.mem_keys, return_stats=self.read_log is not None)
+                              self.keys, self.values, self.mems, self.mem_keys, return_stats=self.read_log is not None,
+                              **rows)
         logits, nk, nv, feat = out[:4]
         if self.read_log is not None:
             self.read_log.append(out[4])
@@ -315,7 +351,20 @@ class TorchStream:
                          for k in self.keys]
         for i in range(T):  # token by token, the same summation order as the runtime
             self.acc = self.acc + feat[:, i]
+        if cfg.cms.rows:
+            c0 = self.n % cfg.cms.chunk
+            self.row_pending[:, c0:c0 + T] = self.model.cms_write.rows.gates(feat.detach())
         self.n += T
+        if cfg.cms.rows and self.n % cfg.cms.chunk == 0:
+            rl = cfg.cms.row_layers(cfg.n_layers)
+            before = self.row_token.clone()
+            self.model.cms_write.rows.event(
+                self.row_k, self.row_v, self.row_usage, self.row_token, self.row_pending,
+                [self.keys[i] for i in rl], [self.values[i] for i in rl], self.n, cfg,
+                lambda x, d: rotate(x, *rope_cos_sin(torch.tensor(d), cfg.head_dim, cfg.rope_theta,
+                                                     cfg.rope_freq_divisors)))
+            changed = torch.nonzero(self.row_token[0] != before[0]).flatten().tolist()
+            self.row_writes += [(int(self.row_token[0, j]), j, float(self.row_usage[0, j])) for j in changed]
         if self.n % cfg.cms.chunk == 0:
             self.events += 1
             s = self.acc / cfg.cms.chunk

@@ -1,0 +1,240 @@
+"""`cortex-edge train --backbone SOURCE`: train the row memory's write gate on a frozen backbone.
+
+The row memory (cms.RowWriter, runtime/rows.py) keeps the key/value rows of chosen tokens for the upper
+layers' attention; which tokens is the write gate's choice, g = sigmoid(w_g . tanh(W_z f + b_z) + b_g) on the
+token's compressed hidden state f = W_c RMSNorm(h), h after block memory_layer. The backbone is frozen and
+never changes; only the gate learns (W_c, the norm's weight, W_z, w_g), with a binary cross-entropy per token:
+1 on the tokens of a fact statement, 0 elsewhere (system prompt, questions, other talk, the assistant's
+answers, long passages of real text).
+
+Cost: the gate reads only hidden states of blocks 0..memory_layer, which the memory never changes, so they
+are computed once per training sequence and cached on disk (features/NNNN.npz, fp16), then the gate trains on
+the cache in seconds. A run killed half way resumes from the cached sequences.
+
+Data (runtime/memory_tasks.py, seeds below HELD_OUT_SEED; the held-out wordings and talk never appear):
+  chat   conversations rendered with the backbone's own chat template: other talk, 1-4 facts (one or two
+         per message), more talk
+  text   raw text (Genesis verses, small talk, trivia) with 1-3 fact statements inserted at random places
+What this leaves out: the read (no training: the frozen model copies from its own rows, docs/memory.md), the
+export (export/pipeline.py reads the trained weights).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cortex_edge.runtime import memory_tasks as mt
+
+GATE_NAMES = ("cms_read.norm_in.weight", "cms_read.compress.weight", "rows.z.weight", "rows.z.bias",
+              "rows.gate.weight", "rows.gate.bias")
+
+
+@torch.no_grad()
+def lower_hidden(model, ids: list[int], upto: int) -> torch.Tensor:
+    """h after block `upto` for every token, plain causal attention (sequences shorter than the window,
+    where the runtime's sinks + ring is the same attention). (T, D) fp32."""
+    from cortex_edge.model.lm import rope_cos_sin, rotate
+
+    c = model.cfg
+    H, KV, hd = c.n_heads, c.n_kv_heads, c.head_dim
+    T = len(ids)
+    x = model.model.embed_tokens(torch.tensor(ids))[None]
+    cos, sin = rope_cos_sin(torch.arange(T), hd, c.rope_theta, c.rope_freq_divisors)
+    for layer in model.model.layers[:upto + 1]:
+        a = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = rotate(a.q_proj(h).view(1, T, H, hd).transpose(1, 2), cos, sin)
+        k = rotate(a.k_proj(h).view(1, T, KV, hd).transpose(1, 2), cos, sin)
+        v = a.v_proj(h).view(1, T, KV, hd).transpose(1, 2)
+        k, v = k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(1, T, H * hd)
+        x = x + a.o_proj(o)
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return x[0]
+
+
+def _label(offsets, spans, n: int) -> np.ndarray:
+    y = np.zeros(n, np.float32)
+    for i, (a, b) in enumerate(offsets):
+        if any(a < e and b > s for s, e in spans):
+            y[i] = 1.0
+    return y
+
+
+def chat_sample(seed: int, tok, fmt, count) -> tuple[list[int], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    pre = []
+    for _ in range(int(rng.integers(0, 4))):
+        u, a = mt.talk_turn(rng, ["smalltalk", "trivia", "scripture"][int(rng.integers(3))])
+        pre += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+    conv = mt.conversation(seed, int(rng.integers(1, 5)), int(rng.integers(60, 400)), count)
+    msgs = pre + conv.messages
+    if rng.random() < 0.5:  # a question at the end (never to be stored)
+        msgs.append({"role": "user", "content": conv.facts[0].question})
+    text = fmt.render(msgs, add_generation_prompt=False)
+    enc = tok.encode(text, add_special_tokens=False)
+    spans, at = [], 0
+    for f in conv.facts:
+        s = text.find(f.statement[1:], at) - 1 if f.statement not in text[at:] else text.find(f.statement, at)
+        if s >= 0:
+            spans.append((s, s + len(f.statement)))
+    return enc.ids, _label(enc.offsets, spans, len(enc.ids))
+
+
+def text_sample(seed: int, tok) -> tuple[list[int], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    pieces = []
+    for _ in range(int(rng.integers(8, 30))):
+        kind = ["smalltalk", "trivia", "scripture", "scripture"][int(rng.integers(4))]
+        u, a = mt.talk_turn(rng, kind)
+        pieces.append(a if kind != "scripture" else u.split(": ", 1)[1].rsplit(" What", 1)[0])
+    facts = [mt.draw_fact(rng, mt.KINDS[int(i)], False) for i in rng.permutation(len(mt.KINDS))[:int(rng.integers(1, 4))]]
+    for f in facts:
+        pieces.insert(int(rng.integers(len(pieces) + 1)), f.statement)
+    text = " ".join(pieces)
+    enc = tok.encode(text, add_special_tokens=False)
+    spans = []
+    for f in facts:
+        s = text.find(f.statement)
+        spans.append((s, s + len(f.statement)))
+    return enc.ids, _label(enc.offsets, spans, len(enc.ids))
+
+
+def cache_features(model, tok, fmt, folder: Path, n_chat: int, n_text: int, seed0: int = 0, progress=None,
+                   max_tokens: int = 1000) -> None:
+    """Hidden states after block memory_layer of every training sequence, one .npz each (resumable)."""
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def count(s):
+        return len(tok.encode(s, add_special_tokens=False).ids)
+
+    for i in range(n_chat + n_text):
+        p = folder / f"{i:05d}.npz"
+        if p.exists():
+            continue
+        seed = seed0 + i
+        ids, y = chat_sample(seed, tok, fmt, count) if i < n_chat else text_sample(seed, tok)
+        ids, y = ids[:max_tokens], y[:max_tokens]
+        h = lower_hidden(model, ids, model.cfg.memory_layer)
+        tmp = p.with_suffix(".tmp.npz")
+        np.savez(tmp, h=h.numpy().astype(np.float16), y=y, ids=np.array(ids, np.int32))
+        tmp.replace(p)
+        if progress:
+            progress(i + 1, n_chat + n_text, len(ids))
+
+
+def load_cache(folder: Path, skip_first: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """All cached tokens but each sequence's first skip_first (the attention sinks: never stored)."""
+    hs, ys = [], []
+    for p in sorted(folder.glob("[0-9]*.npz")):
+        if p.name.endswith(".tmp.npz"):
+            continue
+        with np.load(p, allow_pickle=False) as z:
+            hs.append(z["h"][skip_first:])
+            ys.append(z["y"][skip_first:])
+    return torch.from_numpy(np.concatenate(hs).astype(np.float32)), torch.from_numpy(np.concatenate(ys))
+
+
+class Gate(torch.nn.Module):
+    """The write gate as trained (the same maths as cms.RowWriter.gate_logit after the graph's W_c RMSNorm)."""
+
+    def __init__(self, dim: int, event_dim: int, eps: float, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.eps = eps
+        self.norm = torch.nn.Parameter(torch.ones(dim))
+        self.compress = torch.nn.Parameter(torch.randn(event_dim, dim, generator=g) / math.sqrt(dim))
+        self.z_w = torch.nn.Parameter(torch.randn(event_dim, event_dim, generator=g) / math.sqrt(event_dim))
+        self.z_b = torch.nn.Parameter(torch.zeros(event_dim))
+        self.g_w = torch.nn.Parameter(torch.zeros(1, event_dim))
+        self.g_b = torch.nn.Parameter(torch.full((1,), -4.0))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        n = self.norm * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        f = n @ self.compress.t()
+        z = torch.tanh(f @ self.z_w.t() + self.z_b)
+        return (z @ self.g_w.t() + self.g_b)[..., 0]  # logit
+
+    def named(self) -> dict[str, torch.Tensor]:
+        return dict(zip(GATE_NAMES, (self.norm, self.compress, self.z_w, self.z_b, self.g_w, self.g_b)))
+
+
+def train_gate(h: torch.Tensor, y: torch.Tensor, dim: int, event_dim: int, eps: float, steps: int = 3000,
+               batch: int = 4096, lr: float = 2e-3, pos_weight: float = 4.0, seed: int = 0, log=None) -> Gate:
+    torch.manual_seed(seed)
+    gate = Gate(dim, event_dim, eps, seed)
+    opt = torch.optim.AdamW(gate.parameters(), lr=lr, weight_decay=1e-2)
+    gen = torch.Generator().manual_seed(seed)
+    pw = torch.tensor(pos_weight)
+    for step in range(steps):
+        idx = torch.randint(0, h.shape[0], (batch,), generator=gen)
+        logit = gate(h[idx])
+        loss = F.binary_cross_entropy_with_logits(logit, y[idx], pos_weight=pw)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(gate.parameters(), 1.0)
+        for gr in opt.param_groups:
+            gr["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        opt.step()
+        if log and (step % 200 == 0 or step == steps - 1):
+            log({"step": step, "loss": float(loss)})
+    return gate
+
+
+@torch.no_grad()
+def gate_report(gate: Gate, h: torch.Tensor, y: torch.Tensor, thresholds=(0.3, 0.5, 0.7, 0.9)) -> dict:
+    g = torch.sigmoid(gate(h))
+    out = {}
+    for t in thresholds:
+        w = g > t
+        tp = int((w & (y > 0)).sum())
+        out[str(t)] = {"recall": tp / max(1, int((y > 0).sum())), "precision": tp / max(1, int(w.sum())),
+                       "false_positive_rate": int((w & (y == 0)).sum()) / max(1, int((y == 0).sum()))}
+    return out
+
+
+def main(argv=None):
+    import argparse
+
+    from cortex_edge.export import loaders
+    from cortex_edge.runtime.text import ChatFormat
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cache", default="train-cache/smollm2")
+    ap.add_argument("--chat", type=int, default=400)
+    ap.add_argument("--text", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--features-only", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, tok, meta = loaders.load_gguf(loaders.smollm2_path())
+    model.eval()
+    fmt = ChatFormat(meta["chat_template"], meta.get("bos", ""))
+    t0 = time.time()
+    ntok = [0]
+
+    def prog(i, n, t):
+        ntok[0] += t
+        if i % 10 == 0:
+            print(f"{i}/{n} {ntok[0]} tokens {ntok[0] / (time.time() - t0):.0f} tok/s", flush=True)
+
+    cache_features(model, tok, fmt, Path(args.cache), args.chat, args.text, progress=prog)
+    cache_features(model, tok, fmt, Path(args.cache) / "val", 40, 20, seed0=mt.HELD_OUT_SEED - 10_000, progress=prog)
+    if args.features_only:
+        return
+    h, y = load_cache(Path(args.cache))
+    print("tokens", h.shape[0], "positive", int(y.sum()))
+    gate = train_gate(h, y, model.cfg.dim, model.cfg.cms.event_dim, model.cfg.norm_eps, log=print)
+    hv, yv = load_cache(Path(args.cache) / "val")
+    print(json.dumps(gate_report(gate, hv, yv), indent=1))
+
+
+if __name__ == "__main__":
+    main()

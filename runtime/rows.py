@@ -1,0 +1,129 @@
+"""The row level of the CMS in NumPy: key/value rows of chosen tokens for the upper layers' attention.
+
+A frozen model copies from attention rows it computed itself (docs/memory.md measured it: a fact's own rows
+offered to layers 15-29 recover 94 % of what SmolLM2 does with the fact in its window). So this level stores
+tokens' rows, not a learnt summary, and the only thing it learns is which tokens to keep.
+
+  every token t       g_t = sigmoid(w_g . tanh(W_z f_t + b_z) + b_g)       f_t: the graph's write_feat
+                      kept as pending until the chunk's memory event
+  at each event       for the chunk's tokens in order, with g_t > tau:     (the jump map of one CMS level:
+                        j = argmin u   (LRU by usage; empty slots have u = 0)   LRU addressing, the delta rule
+                        if u_j < g_t:  u <- (1 - d) u;  u_j <- g_t              with a binary gate, the decay
+                                       K_j, V_j <- the token's rows             on the usage)
+  read, every token   layers rows_from.. attend to [sinks | rows | ring | new]: slot j's key is stored rotated
+                      at P_j = S + W - 1 - (R - j), and seen from the sinks' query position, so a row sits at
+                      distance R - j from every query (recent, as the measurement wants); a row is masked while
+                      its token is still in the window (the model sees each token once, and a history that fits
+                      the window computes exactly what the model alone computes)
+
+Writes wait for the event so that feeding a chunk whole or token by token gives the same state (pieces never
+cross an event). The rows of a chunk's tokens are still in the ring at its event (C <= W): they are taken
+from there. Storage: slot-major (R, layers, KV, hd) for keys and values, so that int8 has one scale per slot,
+layer and head, and a write re-encodes only its own slot. The torch reference is cortex_edge/model/cms.py
+(RowWriter); tests hold the two together.
+What this leaves out: the attention itself (the graph), sessions (session.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from cortex_edge import contract
+from cortex_edge.config import ModelConfig
+from cortex_edge.quantize import state_codec
+from cortex_edge.runtime import ring
+from cortex_edge.runtime.ring import NEG_INF
+
+
+def gate_param_shapes(event_dim: int) -> dict[str, tuple[int, ...]]:
+    return {contract.ROWS_Z_WEIGHT: (event_dim, event_dim), contract.ROWS_Z_BIAS: (event_dim,),
+            contract.ROWS_GATE_WEIGHT: (1, event_dim), contract.ROWS_GATE_BIAS: (1,)}
+
+
+def gates(feat: np.ndarray, w: dict[str, np.ndarray]) -> np.ndarray:
+    """feat (T, d_z) -> g (T,) in (0, 1)"""
+    z = np.tanh(feat @ w[contract.ROWS_Z_WEIGHT].T + w[contract.ROWS_Z_BIAS])
+    x = (z @ w[contract.ROWS_GATE_WEIGHT].T)[:, 0] + w[contract.ROWS_GATE_BIAS][0]
+    return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
+
+
+def row_position(j: int | np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """Rotary position slot j's key is stored at: distance R - j before the sinks' query position S + W - 1."""
+    return cfg.sinks + cfg.window - 1 - (cfg.cms.rows - np.asarray(j))
+
+
+def mask(token: np.ndarray, a: np.ndarray, window: int) -> np.ndarray:
+    """(T, R) additive mask: slot j visible to the query of token a once its token has left the window."""
+    return np.where((token[None, :] >= 0) & (a[:, None] - token[None, :] >= window), np.float32(0.0),
+                    NEG_INF).astype(np.float32)
+
+
+@dataclass
+class RowState:
+    keys: dict[str, np.ndarray]  # encoded (R * Lr * KV, hd): slot-major
+    values: dict[str, np.ndarray]  # encoded (R * Lr * KV, hd)
+    usage: np.ndarray  # (R,) float32, 0 = empty
+    token: np.ndarray  # (R,) int64, absolute index of the token held, -1 = empty
+    pending: np.ndarray  # (C,) float32: gates of the current chunk's tokens (not yet written)
+
+
+def empty(cfg: ModelConfig, fmt: str) -> RowState:
+    c = cfg.cms
+    lr = len(c.row_layers(cfg.n_layers))
+    z = np.zeros((c.rows * lr * cfg.n_kv_heads, cfg.head_dim), np.float32)
+    return RowState(keys=state_codec.encode(z, fmt)[0], values=state_codec.encode(z, fmt)[0],
+                    usage=np.zeros(c.rows, np.float32), token=np.full(c.rows, -1, np.int64),
+                    pending=np.zeros(c.chunk, np.float32))
+
+
+def views(rs: RowState, cfg: ModelConfig, fmt: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """fp32 graph inputs: per row layer keys (1, KV, R, hd) and values (1, KV, hd, R)."""
+    c = cfg.cms
+    lr, KV, hd = len(c.row_layers(cfg.n_layers)), cfg.n_kv_heads, cfg.head_dim
+    k = state_codec.decode(rs.keys, fmt).reshape(c.rows, lr, KV, hd)
+    v = state_codec.decode(rs.values, fmt).reshape(c.rows, lr, KV, hd)
+    return ([np.ascontiguousarray(k[:, i].transpose(1, 0, 2)[None]) for i in range(lr)],
+            [np.ascontiguousarray(v[:, i].transpose(1, 2, 0)[None]) for i in range(lr)])
+
+
+def _set_slot(enc: dict[str, np.ndarray], j: int, rows: np.ndarray, fmt: str) -> None:
+    """Slot j's (Lr * KV, hd) block re-encoded alone (int8 scales are per slot, layer and head)."""
+    n = rows.shape[0]
+    e, _ = state_codec.encode(rows, fmt)
+    for key, a in e.items():
+        enc[key][j * n:(j + 1) * n] = a
+
+
+def event(rs: RowState, ring_keys: list[np.ndarray], ring_values: list[np.ndarray], n: int, cfg: ModelConfig,
+          fmt: str) -> list[tuple[int, int, float]]:
+    """Commit the chunk that ends at token n (exclusive): its tokens with g > tau take the weakest slots.
+    ring_keys[i] (1, KV, P, hd), rotated in the ring's frame after n tokens; ring_values[i] (1, KV, hd, P).
+    Returns the writes (token, slot, g)."""
+    c = cfg.cms
+    S, W = cfg.sinks, cfg.window
+    layers = list(c.row_layers(cfg.n_layers))
+    f = ring.frame(n, S, W)
+    writes = []
+    for t in range(c.chunk):
+        a = n - c.chunk + t
+        g = float(rs.pending[t])
+        if a < S or not g > c.rows_threshold:
+            continue
+        j = int(np.argmin(rs.usage))
+        if not rs.usage[j] < g:
+            continue
+        slot = int(ring.slot_of(a, S, W))
+        delta = int(row_position(j, cfg)) - (a - f)
+        k = np.stack([ring.rotate(ring_keys[i][0, :, slot, :], delta, cfg.rope_theta, cfg.rope_freq_divisors)
+                      for i in layers])  # (Lr, KV, hd)
+        v = np.stack([ring_values[i][0, :, :, slot] for i in layers])  # (Lr, KV, hd)
+        _set_slot(rs.keys, j, k.reshape(-1, cfg.head_dim), fmt)
+        _set_slot(rs.values, j, v.reshape(-1, cfg.head_dim), fmt)
+        rs.usage *= np.float32(1.0 - c.rows_decay)
+        rs.usage[j] = np.float32(g)
+        rs.token[j] = a
+        writes.append((a, j, g))
+    rs.pending[:] = 0.0
+    return writes
