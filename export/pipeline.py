@@ -35,12 +35,27 @@ def load_source(model: str, window: int | None = None):
     raise CortexError(f"cannot load {model}: expected a .gguf file, a .safetensors checkpoint or a Hugging Face folder")
 
 
+SMOLLM2_SIDECAR = Path(__file__).parent / "data" / "smollm2_sidecar.safetensors"  # `cortex-edge train --backbone smollm2`
+
+
 def export_model(model: str, out: Path, weights: str = contract.DEFAULT_WEIGHTS, state: str = contract.DEFAULT_STATE,
-                 force: bool = False, quiet: bool = False, window: int | None = None) -> dict:
+                 force: bool = False, quiet: bool = False, window: int | None = None,
+                 sidecar: str | None = None) -> dict:
+    """sidecar: a trained row-memory gate (`cortex-edge train --backbone`) to attach to the backbone; None: the
+    shipped one for smollm2, none for other models; "none": none."""
     from cortex_edge.export import loaders, reference
     from cortex_edge.export.bundle_writer import write_bundle
 
     lm, tok, meta = load_source(model, window=window)
+    if sidecar is None and model == "smollm2" and SMOLLM2_SIDECAR.is_file():
+        sidecar = str(SMOLLM2_SIDECAR)
+    if sidecar and sidecar != "none":
+        from cortex_edge.model import rows_train
+
+        if model.startswith("builtin:") or model.endswith(".safetensors"):
+            raise CortexError("--sidecar attaches a row memory to a GGUF or Hugging Face backbone, not to " + model)
+        cms, layer, tensors, _ = rows_train.load_sidecar(Path(sidecar))
+        lm = rows_train.attach(lm, cms, layer, tensors)
     src = loaders.smollm2_path() if model == "smollm2" else Path(model)
     ref = None
     if model == "smollm2" or (src.is_file() and src.suffix == ".gguf") or src.is_dir():

@@ -50,9 +50,11 @@ class TurnStats:
 
 class Chat:
     def __init__(self, engine: Engine, state: State | None = None, turns: int = 0, system: str | None = None,
-                 text_from: Chat | None = None):
-        """text_from: another Chat of the same engine whose tokenizers and template this one shares."""
+                 text_from: Chat | None = None, memory: bool = True):
+        """text_from: another Chat of the same engine whose tokenizers and template this one shares.
+        memory=False: the sidecar off (evaluations' control)."""
         self.engine = engine
+        self.memory = memory
         b = engine.bundle
         tok_meta = b.manifest["tokenizer"]
         if text_from is not None:
@@ -104,7 +106,7 @@ class Chat:
         rng = np.random.default_rng(sampling.seed)
         stats = TurnStats(prompt_tokens=len(ids))
         t0 = time.perf_counter()
-        logits = self.engine.feed(st, ids)
+        logits = self.engine.feed(st, ids, memory=self.memory)
         stats.prefill_s = time.perf_counter() - t0
         dec = StreamDecoder(self.tok)
         stopped = False
@@ -118,7 +120,7 @@ class Chat:
             tok = sample(penalize(logits, recent, sampling.repeat_penalty), sampling, rng)
             if sampling.repeat_last_n:
                 recent = (recent + [tok])[-sampling.repeat_last_n:]
-            logits = self.engine.feed(st, [tok])
+            logits = self.engine.feed(st, [tok], memory=self.memory)
             stats.new_tokens += 1
             if tok in self.stop_ids:
                 stopped = True
@@ -147,7 +149,7 @@ class Chat:
                     suffix = suffix[len(s):]
                     break
         if suffix:
-            self.engine.feed(st, self.encode(suffix))
+            self.engine.feed(st, self.encode(suffix), memory=self.memory)
         self.state = st
         self.turns += 1
         self.last = stats

@@ -184,7 +184,7 @@ def train_gate(h: torch.Tensor, y: torch.Tensor, dim: int, event_dim: int, eps: 
             gr["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         opt.step()
         if log and (step % 200 == 0 or step == steps - 1):
-            log({"step": step, "loss": float(loss)})
+            log({"step": step, "loss": float(loss.detach())})
     return gate
 
 
@@ -200,41 +200,121 @@ def gate_report(gate: Gate, h: torch.Tensor, y: torch.Tensor, thresholds=(0.3, 0
     return out
 
 
-def main(argv=None):
-    import argparse
+N_CHAT, N_TEXT = 500, 300  # training sequences (about 330k tokens)
+N_VAL_CHAT, N_VAL_TEXT = 40, 20  # validation sequences (seeds of their own), for the threshold
+TARGET_PRECISION = 0.99  # the threshold: the lowest whose validation precision reaches this
 
-    from cortex_edge.export import loaders
+
+def choose_threshold(gate: Gate, h: torch.Tensor, y: torch.Tensor) -> tuple[float, dict]:
+    ts = [round(0.05 * i, 2) for i in range(2, 20)]
+    rep = gate_report(gate, h, y, ts)
+    ok = [t for t in ts if rep[str(t)]["precision"] >= TARGET_PRECISION]
+    return (ok[0] if ok else ts[-1]), rep
+
+
+def train_sidecar(source: str, out: Path, cache: Path, rows: int = 64, steps: int = 3000, seed: int = 0,
+                  log=print) -> dict:
+    """The whole recipe: features (cached, resumable), the gate, the threshold, the sidecar file."""
+    from cortex_edge.export.pipeline import load_source
     from cortex_edge.runtime.text import ChatFormat
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--cache", default="train-cache/smollm2")
-    ap.add_argument("--chat", type=int, default=400)
-    ap.add_argument("--text", type=int, default=200)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--features-only", action="store_true")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    model, tok, meta = loaders.load_gguf(loaders.smollm2_path())
-    model.eval()
-    fmt = ChatFormat(meta["chat_template"], meta.get("bos", ""))
     t0 = time.time()
+    model, tok, meta = load_source(source)
+    model.eval()
+    fmt = ChatFormat(meta.get("chat_template", ""), meta.get("bos", "") or "")
     ntok = [0]
 
     def prog(i, n, t):
         ntok[0] += t
-        if i % 10 == 0:
-            print(f"{i}/{n} {ntok[0]} tokens {ntok[0] / (time.time() - t0):.0f} tok/s", flush=True)
+        if i % 50 == 0 or i == n:
+            log(f"features {i}/{n}: {ntok[0]} new tokens, {ntok[0] / max(1e-9, time.time() - t0):.0f} tok/s")
 
-    cache_features(model, tok, fmt, Path(args.cache), args.chat, args.text, progress=prog)
-    cache_features(model, tok, fmt, Path(args.cache) / "val", 40, 20, seed0=mt.HELD_OUT_SEED - 10_000, progress=prog)
-    if args.features_only:
-        return
-    h, y = load_cache(Path(args.cache))
-    print("tokens", h.shape[0], "positive", int(y.sum()))
-    gate = train_gate(h, y, model.cfg.dim, model.cfg.cms.event_dim, model.cfg.norm_eps, log=print)
-    hv, yv = load_cache(Path(args.cache) / "val")
-    print(json.dumps(gate_report(gate, hv, yv), indent=1))
+    cache_features(model, tok, fmt, cache, N_CHAT, N_TEXT, seed0=seed * 100_000, progress=prog)
+    cache_features(model, tok, fmt, cache / "val", N_VAL_CHAT, N_VAL_TEXT, seed0=mt.HELD_OUT_SEED - 10_000,
+                   progress=prog)
+    h, y = load_cache(cache)
+    log(f"training the gate on {h.shape[0]} tokens ({int(y.sum())} in fact statements)")
+    c = model.cfg
+    gate = train_gate(h, y, c.dim, 128, c.norm_eps, steps=steps, seed=seed,
+                      log=lambda r: log(f"step {r['step']}: loss {r['loss']:.4f}"))
+    hv, yv = load_cache(cache / "val")
+    tau, rep = choose_threshold(gate, hv, yv)
+    cms = row_cms_config(c.n_layers, c.cms.chunk, tau, rows=rows)
+    info = {"source": source, "training_tokens": int(h.shape[0]), "positive_tokens": int(y.sum()), "steps": steps,
+            "seed": seed, "threshold": tau, "validation": rep[str(tau)], "seconds": round(time.time() - t0, 1)}
+    save_sidecar(out, gate, cms, c.memory_layer, info)
+    log(f"threshold {tau}: validation precision {rep[str(tau)]['precision']:.3f}, recall {rep[str(tau)]['recall']:.3f}, "
+        f"false positives {rep[str(tau)]['false_positive_rate']:.2e} of other tokens")
+    return info
 
 
-if __name__ == "__main__":
-    main()
+# ---- the trained sidecar on disk, and on a backbone
+SIDECAR_FORMAT = "cortex-edge-sidecar"
+
+
+def row_cms_config(n_layers: int, chunk: int, threshold: float, rows: int = 64, rows_from: int | None = None):
+    """The CMS of a backbone with a row level: the row level does the remembering; the residual levels are kept
+    at one small level (its read gate closed, W_o = 0) so that the whole state fits one A76 core's L2."""
+    from cortex_edge.config import CMSConfig
+
+    return CMSConfig(slots=(16,), widths=(64,), key_dim=32, event_dim=128, chunk=chunk, write_every=(1,),
+                     decay=(0.05,), rows=rows, rows_from=n_layers // 2 if rows_from is None else rows_from,
+                     rows_threshold=threshold, rows_decay=1e-3)
+
+
+def save_sidecar(path: Path, gate: Gate, cms, memory_layer: int, info: dict) -> None:
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    meta = {"format": SIDECAR_FORMAT, "cms": json.dumps(dataclasses.asdict(cms)), "memory_layer": str(memory_layer),
+            "info": json.dumps(info)}
+    save_file({k: v.detach().float().contiguous() for k, v in gate.named().items()}, str(path), metadata=meta)
+
+
+def load_sidecar(path: Path):
+    """-> (CMSConfig, memory_layer, tensors, info). Refuses anything that is not a sidecar file, by name."""
+    from safetensors import safe_open
+
+    from cortex_edge.config import CMSConfig
+    from cortex_edge.runtime.errors import CortexError
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own errors for damaged files
+        raise CortexError(f"cannot read sidecar {path}: {e}") from None
+    if meta.get("format") != SIDECAR_FORMAT or set(tensors) != set(GATE_NAMES):
+        raise CortexError(f"{path} is not a cortex-edge sidecar (format {meta.get('format')!r})")
+    cms = CMSConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(meta["cms"]).items()})
+    cms.validate()
+    return cms, int(meta["memory_layer"]), tensors, json.loads(meta.get("info", "{}"))
+
+
+@torch.no_grad()
+def attach(model, cms, memory_layer: int, tensors: dict):
+    """The backbone with this CMS: fresh residual levels (read gate closed: they change nothing) and the trained
+    row gate. The backbone's weights are untouched."""
+    import dataclasses
+
+    from cortex_edge.model.cms import CMSReader, CMSWriter
+    from cortex_edge.runtime.errors import CortexError
+
+    cfg = dataclasses.replace(model.cfg, cms=cms, memory_layer=memory_layer)
+    cfg.validate()
+    if tuple(tensors["cms_read.compress.weight"].shape) != (cms.event_dim, cfg.dim):
+        raise CortexError(f"the sidecar was trained for a model of width {tensors['cms_read.compress.weight'].shape[1]},"
+                          f" this one has {cfg.dim}")
+    torch.manual_seed(0)  # the unused residual levels' weights: deterministic
+    model.cfg = cfg
+    model.cms_read = CMSReader(cfg.dim, cms, cfg.norm_eps)
+    model.cms_write = CMSWriter(cms)
+    model.cms_read.norm_in.weight.copy_(tensors["cms_read.norm_in.weight"])
+    model.cms_read.compress.weight.copy_(tensors["cms_read.compress.weight"])
+    r = model.cms_write.rows
+    r.z.weight.copy_(tensors["rows.z.weight"])
+    r.z.bias.copy_(tensors["rows.z.bias"])
+    r.gate.weight.copy_(tensors["rows.gate.weight"])
+    r.gate.bias.copy_(tensors["rows.gate.bias"])
+    return model.eval()
