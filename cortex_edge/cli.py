@@ -157,6 +157,11 @@ def train(out, recipe, steps, seed, polish, margin, threads, log_out, backbone, 
                f"LM loss {e.get('lm_loss', float('nan')):.3f}")
 
 
+def _engine_rows(rep: dict) -> bool:
+    """Whether a bench report's bundle has a row level (its state list then ends with it)."""
+    return bool(rep.get("row_slots"))
+
+
 def _engine(bundle: str | None, threads: int | None):
     from cortex_edge.runtime.bundle import load_bundle
     from cortex_edge.runtime.engine import Engine
@@ -426,7 +431,10 @@ def bench(bundle, context, new_tokens, threads, json_out, plot_out, profile):
         click.echo(f"{r['context']:>9} {pf:>13} {r['time_to_first_token_s']:>8.3f} {r['decode_ms_p50']:>8.2f} "
                    f"{r['decode_ms_p95']:>8.2f} {r['decode_ms_p99']:>8.2f} {r['decode_tokens_per_s']:>8.1f} "
                    f"{r['rss_bytes'] / 2**20:>8.1f}")
-    lv = ", ".join(f"L{i}: {x / 1024:.1f} KiB" for i, x in enumerate(rep["state_bytes_per_level"]))
+    names = [f"L{i}" for i in range(len(rep["state_bytes_per_level"]))]
+    if _engine_rows(rep):
+        names[-1] = "rows"
+    lv = ", ".join(f"{n}: {x / 1024:.1f} KiB" for n, x in zip(names, rep["state_bytes_per_level"]))
     click.echo(f"CMS state per level: {lv}  (L2 {rep['caches'].get('L2', 0) // 1024} KiB per core, "
                f"fits: {rep['state_fits']['L2']})")
     click.echo(f"peak RSS {rep['peak_rss_bytes'] / 2**20:.1f} MiB; read bandwidth {rep['read_bandwidth_gbps']:.1f} GB/s; "
@@ -492,7 +500,8 @@ def niah(bundle, lengths, samples, threads, memory, states, first, json_out):
 @click.option("--lengths", default="2k,4k", show_default=True,
               help="tokens of other conversation between the facts and the questions, e.g. 2k,4k,16k")
 @click.option("--samples", type=click.IntRange(min=1), default=10, show_default=True, help="chats per case")
-@click.option("--facts", type=click.IntRange(min=1, max=6), default=2, show_default=True, help="facts per chat")
+@click.option("--facts", type=click.IntRange(min=1, max=6), default=1, show_default=True,
+              help="facts per chat (each asked in its own turn)")
 @click.option("--variants", default="seen", show_default=True,
               help="comma-separated: seen, held-out wording, held-out talk")
 @click.option("--no-control", is_flag=True, help="skip the sidecar-off control")

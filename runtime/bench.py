@@ -155,10 +155,11 @@ def weight_bytes(engine: Engine) -> int:
 
 
 def bytes_per_token(engine: Engine, slots: int) -> int:
-    """What a decode step reads: the weights (weight_bytes) and every layer's fp32 keys and values over `slots`
-    ring slots."""
+    """What a decode step reads: the weights (weight_bytes), every layer's fp32 keys and values over `slots`
+    ring slots, and the row level's fp32 keys and values in the layers that read it."""
     c = engine.cfg
-    return weight_bytes(engine) + 2 * c.n_layers * c.n_kv_heads * slots * c.head_dim * 4
+    rows = 2 * len(c.cms.row_layers(c.n_layers)) * c.n_kv_heads * c.cms.rows * c.head_dim * 4
+    return weight_bytes(engine) + 2 * c.n_layers * c.n_kv_heads * slots * c.head_dim * 4 + rows
 
 
 def run_context(engine: Engine, context: int, new_tokens: int, seed: int = 0, progress=None) -> dict:
@@ -218,8 +219,8 @@ def run(engine: Engine, contexts: list[int], new_tokens: int, show_progress: boo
     out = {
         "bundle": str(engine.bundle.path), "weights": engine.bundle.weights, "state": engine.bundle.state_format,
         "threads": engine.threads, "cpu": cpu_info(), "caches": caches,
-        "state_bytes_per_level": levels,
-        "state_fits": {"L2": all(b <= caches.get("L2", PI5_CACHES["L2"]) for b in levels),
+        "state_bytes_per_level": levels, "row_slots": engine.cfg.cms.rows,  # the row level, when present, comes last
+        "state_fits": {"L2": sum(levels) <= caches.get("L2", PI5_CACHES["L2"]),  # the whole CMS state, one core's L2
                        "L3_total": sum(levels) <= caches.get("L3", PI5_CACHES["L3"])},
         "thermal_before": thermal_before, "thermal_after": pi_thermal(),
         "peak_rss_bytes": rss.peak, "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

@@ -9,7 +9,8 @@ then one question per fact (each a new turn, greedy). A fact counts when its val
   memory      L tokens of conversation, sidecar on
   off         the same conversations, sidecar off (the control: what the window alone gives)
 
-Variants: the training wordings and talk (`seen`), the held-out wordings (`held-out wording`: each kind's
+Other talk is small talk and trivia (memory_tasks.EVAL_TALK says why not scripture). Variants: the training
+wordings (`seen`), the held-out wordings (`held-out wording`: each kind's
 statement and question form never trained on) and the held-out kind of talk (`held-out talk`: recipes).
 What this leaves out: training (cortex_edge/model/rows_train.py).
 """
@@ -24,7 +25,8 @@ from cortex_edge.runtime.engine import Engine
 from cortex_edge.runtime.niah import wilson
 from cortex_edge.runtime.sampling import Sampling
 
-VARIANTS = {"seen": {}, "held-out wording": {"held_out": True}, "held-out talk": {"talk": mt.HELD_OUT_TALK}}
+VARIANTS = {"seen": {"talk": mt.EVAL_TALK}, "held-out wording": {"held_out": True, "talk": mt.EVAL_TALK},
+            "held-out talk": {"talk": mt.HELD_OUT_TALK}}
 IN_WINDOW_TALK = 150  # tokens of other talk for the in-window reference
 
 
@@ -50,7 +52,7 @@ def one(engine: Engine, seed: int, facts: int, talk_tokens: int, memory: bool, v
     return {"seed": seed, "tokens_before_questions": history, "facts": out}
 
 
-def run(engine: Engine, lengths: list[int], samples: int, facts: int = 2, variants=("seen",), control: bool = True,
+def run(engine: Engine, lengths: list[int], samples: int, facts: int = 1, variants=("seen",), control: bool = True,
         reference: bool = True, first: int = 0, progress=None) -> dict:
     rows = []
     plans = []

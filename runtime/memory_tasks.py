@@ -144,6 +144,10 @@ HELD_OUT_REPLIES = ["For {d}, gather your ingredients first, chop everything, th
                     "{D} is simple: measure the ingredients, mix them well, and give it the time it needs. Serve warm."]
 HELD_OUT_TALK = "recipes"
 TALK_KINDS = ("smalltalk", "trivia", "scripture", HELD_OUT_TALK)
+# the evaluation's other talk: scripture passages (trained on, as haystack and in chats) derail SmolLM2-135M's answers
+# even with the fact in its window (in-window recall 0/10 against 4-5/10 with trivia or small talk), so the
+# evaluation's chats hold small talk and trivia, or the held-out recipes
+EVAL_TALK = ("smalltalk", "trivia")
 
 _GENESIS: list[str] | None = None
 
@@ -198,10 +202,10 @@ class Conversation:
 
 
 def conversation(seed: int, n_facts: int, talk_tokens: int, count, held_out: bool = False,
-                 talk: str | None = None, kinds: tuple[Kind, ...] = KINDS) -> Conversation:
+                 talk: str | tuple[str, ...] | None = None, kinds: tuple[Kind, ...] = KINDS) -> Conversation:
     """k facts (distinct kinds) in the first user turns, then other talk until about talk_tokens tokens
-    (count(text) -> tokens) have passed. held_out: the held-out wordings; talk: one kind of other talk (default:
-    a mixture of the training kinds)."""
+    (count(text) -> tokens) have passed. held_out: the held-out wordings; talk: a kind of other talk or a tuple of
+    kinds (default: every training kind, as training draws them)."""
     rng = np.random.default_rng(seed)
     chosen = rng.permutation(len(kinds))[:n_facts]
     facts = [draw_fact(rng, kinds[int(i)], held_out) for i in chosen]
@@ -216,13 +220,14 @@ def conversation(seed: int, n_facts: int, talk_tokens: int, count, held_out: boo
             text = facts[j].statement
             j += 1
         msgs += [{"role": "user", "content": text}, {"role": "assistant", "content": ACKS[int(rng.integers(len(ACKS)))]}]
-    kinds_of_talk = [talk] if talk else [k for k in TALK_KINDS if k != HELD_OUT_TALK]
+    kinds_of_talk = [talk] if isinstance(talk, str) else list(talk) if talk else \
+        [k for k in TALK_KINDS if k != HELD_OUT_TALK]
     used = 0
     while used < talk_tokens:
         u, a = talk_turn(rng, kinds_of_talk[int(rng.integers(len(kinds_of_talk)))])
         msgs += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
         used += count(u) + count(a) + 10
-    return Conversation(facts, msgs, talk or "mixed")
+    return Conversation(facts, msgs, talk if isinstance(talk, str) else "mixed")
 
 
 def answer_contains(answer: str, value: str) -> bool:

@@ -131,3 +131,117 @@ def test_sessions_keep_the_rows(rows_bundle, tmp_path):
     np.testing.assert_array_equal(st2.rows.pending, st.rows.pending)
     nxt = _ids(40, seed=9)
     np.testing.assert_allclose(eng.feed(st2, nxt), eng.feed(st, nxt), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_the_default_chat_remembers_a_fact_beyond_its_window_across_processes(tmp_path):
+    """The issue's journey through the CLI: a fact told with `chat --session S --prompt`, long turns after it (each
+    a new process) until the fact has left the 1,024-token window, then the question. Greedy."""
+    import os
+    import subprocess
+    import sys
+
+    try:
+        from cortex_edge.export.loaders import smollm2_path
+
+        smollm2_path()
+    except Exception as e:
+        pytest.skip(str(e))
+    from cortex_edge.runtime import memory_tasks as mt
+
+    env = {**os.environ, "CORTEX_EDGE_HOME": str(tmp_path / "home")}
+
+    def chat(prompt):
+        r = subprocess.run([sys.executable, "-m", "cortex_edge", "chat", "--session", "mem", "--prompt", prompt,
+                            "--temperature", "0", "--max-new-tokens", "24", "--threads", "2"],
+                           capture_output=True, text=True, env=env, timeout=900)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout
+
+    chat("My cat is called Pixel.")
+    verses = mt.genesis_verses()
+    for i in range(4):  # about 1,600 tokens of other conversation
+        chat("Here is a passage I am reading: " + " ".join(verses[40 * i:40 * i + 12]) + " What do you think of it?")
+    from cortex_edge.runtime import session
+
+    d = session.describe(tmp_path / "home" / "sessions" / "mem.cxs")
+    assert d["tokens"] > 1028 + 60, d  # the fact (in the first ~60 tokens) is out of the window
+    answer = chat("What is my cat called?")
+    assert "pixel" in answer.lower(), answer
+
+
+def test_the_shipped_sidecar_fits_one_a76_core_l2():
+    """The default chat's whole CMS state (row level + residual level, int8) within 512 KiB."""
+    import dataclasses
+
+    from cortex_edge.config import ModelConfig
+    from cortex_edge.export.pipeline import SMOLLM2_SIDECAR
+    from cortex_edge.model import rows_train
+    from cortex_edge.quantize import state_codec
+    from cortex_edge.runtime import cms, rows
+
+    c, layer, tensors, info = rows_train.load_sidecar(SMOLLM2_SIDECAR)
+    cfg = dataclasses.replace(ModelConfig(), cms=c, memory_layer=layer)  # SmolLM2-135M's shape
+    cfg.validate()
+    rs = rows.empty(cfg, "int8")
+    size = state_codec.nbytes(rs.keys) + state_codec.nbytes(rs.values) + rs.usage.nbytes + rs.token.nbytes
+    for lv in cms.empty_levels(c):
+        size += state_codec.nbytes(state_codec.encode(lv.mem, "int8")[0]) + \
+            state_codec.nbytes(state_codec.encode(lv.keys, "int8")[0]) + lv.usage.nbytes
+    assert size <= 512 * 1024, size
+    assert c.rows_from == 15 and 0 < c.rows_threshold < 1 and info["source"] == "smollm2"
+
+
+def test_gate_training_learns_and_the_sidecar_round_trips(tmp_path):
+    import torch
+
+    from cortex_edge.config import CMSConfig
+    from cortex_edge.model import rows_train
+    from cortex_edge.runtime.errors import CortexError
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(4000, 32, generator=g)
+    y = (h[:, 0] + 0.5 * h[:, 1] > 1.0).float()  # a direction of the hidden state marks the tokens to keep
+    gate = rows_train.train_gate(h, y, 32, 16, 1e-5, steps=300, batch=512, lr=1e-2)
+    rep = rows_train.gate_report(gate, h, y, (0.5,))["0.5"]
+    assert rep["recall"] > 0.9 and rep["precision"] > 0.8
+    cms = CMSConfig(slots=(4,), widths=(8,), key_dim=8, event_dim=16, chunk=16, write_every=(1,), decay=(0.05,),
+                    rows=8, rows_from=1, rows_threshold=0.5)
+    p = tmp_path / "s.safetensors"
+    rows_train.save_sidecar(p, gate, cms, 0, {"source": "test"})
+    c2, layer, tensors, info = rows_train.load_sidecar(p)
+    assert c2 == cms and layer == 0 and info == {"source": "test"}
+    assert torch.equal(tensors["rows.gate.weight"], gate.g_w.detach())
+    bad = tmp_path / "bad.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(bad))
+    with pytest.raises(CortexError, match="not a cortex-edge sidecar"):
+        rows_train.load_sidecar(bad)
+    from cortex_edge.export.builtin import builtin
+
+    tiny, _, _ = builtin("builtin:tiny")  # width 64, the sidecar was made for width 32
+    with pytest.raises(CortexError, match="width"):
+        rows_train.attach(tiny, cms, 0, tensors)
+
+
+def test_memory_tasks_hold_out_wordings_and_talk():
+    from cortex_edge.runtime import memory_tasks as mt
+
+    def count(s):
+        return len(s.split())
+
+    seen = [mt.conversation(s, 3, 200, count) for s in range(30)]
+    held = [mt.conversation(mt.HELD_OUT_SEED + s, 3, 200, count, held_out=True, talk=mt.HELD_OUT_TALK)
+            for s in range(30)]
+    kind = {k.name: k for k in mt.KINDS}
+    for c in seen:
+        text = " ".join(m["content"] for m in c.messages)
+        assert all(f.statement[1:] in text for f in c.facts)  # (a second fact in a message starts lower-case)
+        assert not any(f.question == kind[f.kind].questions[-1] for f in c.facts)
+        assert not any(f.statement == kind[f.kind].statements[-1].format(v=f.value) for f in c.facts)
+        assert not any(d in text for d in mt.DISHES)  # the held-out talk never appears
+    for c in held:
+        assert all(f.question == kind[f.kind].questions[-1] for f in c.facts)
+        assert all(f.statement == kind[f.kind].statements[-1].format(v=f.value) for f in c.facts)
+        assert c.talk == mt.HELD_OUT_TALK

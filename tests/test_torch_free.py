@@ -29,6 +29,7 @@ def test_runtime_quantize_and_cli_import_without_torch():
         import importlib.util
         import cortex_edge.runtime.engine, cortex_edge.runtime.cms, cortex_edge.runtime.session
         import cortex_edge.runtime.chat, cortex_edge.runtime.bench, cortex_edge.quantize.state_codec
+        import cortex_edge.runtime.rows, cortex_edge.runtime.chat_memory, cortex_edge.runtime.memory_tasks
         if importlib.util.find_spec("starlette") is not None:  # the serve extra
             import cortex_edge.runtime.serve
         import cortex_edge.quantize.weights, cortex_edge.cli, cortex_edge.config, cortex_edge.contract
@@ -50,7 +51,9 @@ def test_chat_bench_info_run_without_torch(bundle_int8, tmp_path):
         for argv in (["info", {str(bundle_int8)!r}],
                      ["chat", {str(bundle_int8)!r}, "--prompt", "hello", "--max-new-tokens", "8", "--seed", "1"],
                      ["bench", {str(bundle_int8)!r}, "--context", "0,64", "--new-tokens", "4", "--json",
-                      {str(tmp_path / "b.json")!r}], ["sessions", "list"]):
+                      {str(tmp_path / "b.json")!r}], ["sessions", "list"],
+                     ["eval", "chat-memory", {str(bundle_int8)!r}, "--lengths", "64", "--samples", "1", "--json",
+                      {str(tmp_path / "cm.json")!r}]):
             try:
                 main(argv)
             except SystemExit as e:
@@ -61,6 +64,10 @@ def test_chat_bench_info_run_without_torch(bundle_int8, tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.rstrip().endswith("OK")
     assert (tmp_path / "b.json").is_file()
+    import json
+
+    rep = json.loads((tmp_path / "cm.json").read_text())
+    assert [r["condition"] for r in rep["rows"]] == ["in-window", "memory", "off"]
     assert (tmp_path / "sessions" / "default.cxs").is_file()
 
 
