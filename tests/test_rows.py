@@ -189,7 +189,7 @@ def test_the_shipped_sidecar_fits_one_a76_core_l2():
         size += state_codec.nbytes(state_codec.encode(lv.mem, "int8")[0]) + \
             state_codec.nbytes(state_codec.encode(lv.keys, "int8")[0]) + lv.usage.nbytes
     assert size <= 512 * 1024, size
-    assert c.rows_from == 15 and 0 < c.rows_threshold < 1 and info["source"] == "smollm2"
+    assert c.rows_from == 8 and 0 < c.rows_threshold < 1 and info["source"] == "smollm2"
 
 
 def test_gate_training_learns_and_the_sidecar_round_trips(tmp_path):

@@ -212,7 +212,7 @@ def choose_threshold(gate: Gate, h: torch.Tensor, y: torch.Tensor) -> tuple[floa
     return (ok[0] if ok else ts[-1]), rep
 
 
-def train_sidecar(source: str, out: Path, cache: Path, rows: int = 64, steps: int = 3000, seed: int = 0,
+def train_sidecar(source: str, out: Path, cache: Path, rows: int = 48, steps: int = 3000, seed: int = 0,
                   log=print) -> dict:
     """The whole recipe: features (cached, resumable), the gate, the threshold, the sidecar file."""
     from cortex_edge.export.pipeline import load_source
@@ -252,13 +252,13 @@ def train_sidecar(source: str, out: Path, cache: Path, rows: int = 64, steps: in
 SIDECAR_FORMAT = "cortex-edge-sidecar"
 
 
-def row_cms_config(n_layers: int, chunk: int, threshold: float, rows: int = 64, rows_from: int | None = None):
+def row_cms_config(n_layers: int, chunk: int, threshold: float, rows: int = 48, rows_from: int | None = None):
     """The CMS of a backbone with a row level: the row level does the remembering; the residual levels are kept
     at one small level (its read gate closed, W_o = 0) so that the whole state fits one A76 core's L2."""
     from cortex_edge.config import CMSConfig
 
     return CMSConfig(slots=(16,), widths=(64,), key_dim=32, event_dim=128, chunk=chunk, write_every=(1,),
-                     decay=(0.05,), rows=rows, rows_from=n_layers // 2 if rows_from is None else rows_from,
+                     decay=(0.05,), rows=rows, rows_from=(4 * n_layers) // 15 if rows_from is None else rows_from,
                      rows_threshold=threshold, rows_decay=1e-3)
 
 
