@@ -628,6 +628,10 @@ def info(bundle):
     click.echo(f"attention   {c.sinks} sinks + window {c.window}; CMS read after layer {c.memory_layer}")
     click.echo(f"memory      levels {list(zip(c.cms.slots, c.cms.widths))} d_k {c.cms.key_dim}, event every "
                f"{c.cms.chunk} tokens, write_every {list(c.cms.write_every)}, addressing {c.cms.addressing}")
+    if c.cms.rows:
+        rl = c.cms.row_layers(c.n_layers)
+        click.echo(f"rows        {c.cms.rows} token rows read by layers {rl.start}-{rl.stop - 1}; a token is kept when its "
+                   f"gate > {c.cms.rows_threshold}")
     click.echo(f"formats     weights {b.weights}, state {b.state_format}")
     # the validation section is the exporter's report, outside the fingerprint: shown only when well-formed
     val = m.get("validation")

@@ -155,7 +155,9 @@ _GENESIS: list[str] | None = None
 def genesis_verses() -> list[str]:
     global _GENESIS
     if _GENESIS is None:
-        p = Path(__file__).resolve().parents[1] / "cortex_edge" / "model" / "data" / "genesis_kjv.txt"
+        import cortex_edge
+
+        p = Path(cortex_edge.__file__).parent / "model" / "data" / "genesis_kjv.txt"  # in the repo and in a wheel
         _GENESIS = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
     return _GENESIS
 
