@@ -113,13 +113,11 @@ def train(out, recipe, steps, seed, polish, margin, threads, log_out, backbone, 
     if backbone:
         if polish or margin:
             raise click.BadParameter("--polish and --margin train builtin:recall, not a backbone's row memory")
-        import torch
-
         from cortex_edge.model import rows_train
 
-        torch.set_num_threads(threads or os.cpu_count() or 1)
         info = rows_train.train_sidecar(backbone, Path(out), Path(cache or out + ".features"),
-                                        steps=steps or 3000, seed=seed or 0, log=lambda m: click.echo(m, err=True))
+                                        steps=steps or 3000, seed=seed or 0, threads=threads or os.cpu_count() or 1,
+                                        log=lambda m: click.echo(m, err=True))
         click.echo(f"wrote {out}: threshold {info['threshold']}, {info['training_tokens']} training tokens, "
                    f"{info['seconds']:.0f} s")
         return

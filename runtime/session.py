@@ -29,8 +29,8 @@ import numpy as np
 
 from cortex_edge import contract
 from cortex_edge.runtime.engine import Engine, State, StoredLevel
-from cortex_edge.runtime.rows import RowState
 from cortex_edge.runtime.errors import SessionError
+from cortex_edge.runtime.rows import RowState
 
 LOCK_WAIT_S = 600.0  # how long a second process waits for a session that another one holds
 

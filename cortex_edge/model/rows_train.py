@@ -213,10 +213,13 @@ def choose_threshold(gate: Gate, h: torch.Tensor, y: torch.Tensor) -> tuple[floa
 
 
 def train_sidecar(source: str, out: Path, cache: Path, rows: int = 48, steps: int = 3000, seed: int = 0,
-                  log=print) -> dict:
+                  threads: int | None = None, log=print) -> dict:
     """The whole recipe: features (cached, resumable), the gate, the threshold, the sidecar file."""
     from cortex_edge.export.pipeline import load_source
     from cortex_edge.runtime.text import ChatFormat
+
+    if threads:
+        torch.set_num_threads(threads)
 
     t0 = time.time()
     model, tok, meta = load_source(source)
