@@ -167,9 +167,12 @@ class Engine:
         return cms.Level(state_codec.decode(s.mem, self.state_format),
                          state_codec.decode(s.keys, self.state_format), s.usage.copy())
 
-    def refresh_views(self, st: State) -> None:
+    def _level_views(self, st: State) -> None:
         st.views = [(np.ascontiguousarray(state_codec.decode(s.mem, self.state_format)),
                      np.ascontiguousarray(state_codec.decode(s.keys, self.state_format))) for s in st.levels]
+
+    def refresh_views(self, st: State) -> None:
+        self._level_views(st)
         if st.rows is not None:
             st.row_views = rows_mod.views(st.rows, self.cfg, self.state_format)
 
@@ -240,8 +243,7 @@ class Engine:
         new, info = cms.event_step(levels, s, st.events, self.write_w, c)
         st.levels = [self._store(x) for x in new]
         st.acc = np.zeros_like(st.acc)
-        st.views = [(np.ascontiguousarray(state_codec.decode(x.mem, self.state_format)),
-                     np.ascontiguousarray(state_codec.decode(x.keys, self.state_format))) for x in st.levels]
+        self._level_views(st)
         if st.rows is not None:
             info["rows"] = rows_mod.event(st.rows, st.keys, st.values, st.n, self.cfg, self.state_format)
             if info["rows"]:  # rows change rarely: their views are rebuilt only then

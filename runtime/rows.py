@@ -34,6 +34,7 @@ from cortex_edge import contract
 from cortex_edge.config import ModelConfig
 from cortex_edge.quantize import state_codec
 from cortex_edge.runtime import ring
+from cortex_edge.runtime.cms import sigmoid
 from cortex_edge.runtime.ring import NEG_INF
 
 
@@ -46,7 +47,7 @@ def gates(feat: np.ndarray, w: dict[str, np.ndarray]) -> np.ndarray:
     """feat (T, d_z) -> g (T,) in (0, 1)"""
     z = np.tanh(feat @ w[contract.ROWS_Z_WEIGHT].T + w[contract.ROWS_Z_BIAS])
     x = (z @ w[contract.ROWS_GATE_WEIGHT].T)[:, 0] + w[contract.ROWS_GATE_BIAS][0]
-    return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
+    return sigmoid(x).astype(np.float32)
 
 
 def row_position(j: int | np.ndarray, cfg: ModelConfig) -> np.ndarray:
