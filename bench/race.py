@@ -9,7 +9,8 @@ miscompiles ggml's AMX tile setup; upstream PR 26954). Q8_0 is requantized from 
 llama-quantize (--allow-requantize), and Q4_1 itself runs too. Every figure is also given as a ratio to
 llama.cpp Q8_0. Peak RSS of each run is sampled with psutil from outside the process. --ort-peer adds
 onnxruntime on optimum-onnx's standard KV-cache export of the same weights (fp32, and 8-bit with the same
-MatMulNBits settings as the bundles), built in its own venv by bench/ort_peer.py.
+MatMulNBits settings as the bundles), built in its own venv by bench/ort_peer.py; --genai-peer adds
+onnxruntime-genai on its model builder's int4 CPU graph of the same weights (bench/genai_peer.py).
 """
 
 from __future__ import annotations
@@ -151,6 +152,27 @@ def ort_peer_runs(work: Path, threads: int, histories: list[int], n_gen: int) ->
     return rows
 
 
+def genai_peer_runs(work: Path, threads: int, histories: list[int], n_gen: int) -> list[dict]:
+    """onnxruntime-genai 0.18 on its model builder's int4 CPU graph of the same weights (bench/genai_peer.py)."""
+    peer = Path(__file__).with_name("genai_peer.py")
+    gw = work / "genai-peer"
+    subprocess.run([sys.executable, str(peer), "prepare", "--work", str(gw)], check=True, capture_output=True, text=True)
+    rows = []
+    for depth in histories:
+        out = work / f"genai-int4-{depth}.json"
+        res, peak = run_with_peak_rss([sys.executable, str(peer), "measure", "--work", str(gw), "--history", str(depth),
+                                       "--new-tokens", str(n_gen), "--threads", str(threads), "--json", str(out)])
+        if res.returncode != 0:
+            raise RuntimeError(f"onnxruntime-genai peer failed: {res.stderr[-500:]}")
+        m = json.loads(out.read_text())
+        rows.append({"engine": "onnxruntime-genai int4", "history": depth,
+                     "decode_tokens_per_s": m["decode_tokens_per_s"], "decode_ms_p50": m["decode_ms_p50"],
+                     "prefill_tokens_per_s": m["prefill_tokens_per_s"],
+                     "prefill_measure": "the whole history, 512-token chunks",
+                     "time_to_first_token_s": m["time_to_first_token_s"], "peak_rss_bytes": peak})
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", action="append", default=[], help="NAME=PATH of a cortex-edge bundle")
@@ -161,6 +183,8 @@ def main():
     ap.add_argument("--llama-bench", default=None, help="folder holding llama-bench and llama-quantize (skip the build)")
     ap.add_argument("--ort-peer", action="store_true",
                     help="also race onnxruntime on optimum-onnx's standard KV-cache export (own venv, bench/ort_peer.py)")
+    ap.add_argument("--genai-peer", action="store_true",
+                    help="also race onnxruntime-genai on its model builder's int4 graph (own venv, bench/genai_peer.py)")
     ap.add_argument("--json", default="bench/results/race.json")
     ap.add_argument("--plot", default="bench/results/race.png")
     a = ap.parse_args()
@@ -183,6 +207,8 @@ def main():
         rows += cortex_runs(name, path, a.threads, histories, a.new_tokens, work)
     if a.ort_peer:
         rows += ort_peer_runs(work, a.threads, histories, a.new_tokens)
+    if a.genai_peer:
+        rows += genai_peer_runs(work, a.threads, histories, a.new_tokens)
     base = {r["history"]: r for r in rows if r["engine"] == "llama.cpp Q8_0"}
     for r in rows:
         b = base[r["history"]]

@@ -42,6 +42,7 @@ class CMSConfig:
     rows_from: int = 0  # first layer whose attention reads the rows (they hold layers rows_from..n_layers-1)
     rows_threshold: float = 0.5  # a token is written when its gate g > rows_threshold (and beats the weakest slot)
     rows_decay: float = 1e-3  # each write decays every slot's usage by (1 - rows_decay): old rows yield, slowly
+    rows_lookahead: int = 0  # a token is kept with the strongest gate among it and the next rows_lookahead tokens
 
     @property
     def levels(self) -> int:
@@ -77,6 +78,9 @@ class CMSConfig:
                 raise ConfigError(f"cms.{name} must be an integer in [0, {MAX_SIZE}]")
         if not 0.0 < self.rows_threshold < 1.0 or not 0.0 <= self.rows_decay < 1.0:
             raise ConfigError("cms needs 0 < rows_threshold < 1 and 0 <= rows_decay < 1")
+        v = self.rows_lookahead
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= self.chunk:
+            raise ConfigError("cms.rows_lookahead must be an integer in [0, cms.chunk]")
 
     def row_layers(self, n_layers: int) -> range:
         """The layers whose attention reads the row level (empty without one)."""
@@ -140,6 +144,9 @@ class ModelConfig:
         if self.cms.rows and not (self.sinks and 0 <= self.cms.rows_from < self.n_layers):
             raise ConfigError(f"a row level needs sinks (its rows are seen from the sinks' query) and cms.rows_from in "
                               f"[0, {self.n_layers})")
+        if self.cms.rows and 2 * self.cms.chunk > self.window:
+            raise ConfigError("a row level needs 2 * cms.chunk <= window (a chunk's rows are taken from the ring one "
+                              "event later)")
         self.cms.validate()
 
     def to_dict(self) -> dict[str, Any]:
@@ -222,7 +229,8 @@ def tiny_config() -> ModelConfig:
 def tiny_rows_config() -> ModelConfig:
     """builtin:tiny with a row level read by its last block (tests of the row memory)."""
     t = tiny_config()
-    return dataclasses.replace(t, cms=dataclasses.replace(t.cms, rows=8, rows_from=1, rows_threshold=0.5))
+    return dataclasses.replace(t, cms=dataclasses.replace(t.cms, rows=8, rows_from=1, rows_threshold=0.5,
+                                                                 rows_lookahead=2))
 
 
 def recall_config() -> ModelConfig:

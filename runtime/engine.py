@@ -225,7 +225,7 @@ class Engine:
         for t in range(T):  # token by token: the same summation order whatever the piece size
             st.acc += feat[t]
         if st.rows is not None and memory:
-            c0 = st.n % c.cms.chunk
+            c0 = c.cms.chunk + st.n % c.cms.chunk  # pending holds the previous chunk, then this one
             st.rows.pending[c0:c0 + T] = rows_mod.gates(feat, self.write_w)
         st.n += T
         if st.n % c.cms.chunk == 0:

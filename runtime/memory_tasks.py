@@ -54,57 +54,57 @@ def _pick(pool):
 class Kind:
     name: str
     value: object  # rng -> str
-    statements: tuple[str, ...]  # the last one is held out of training
+    statements: tuple[str, ...]  # the last one is held out of training; the one before it puts the value first too
     questions: tuple[str, ...]  # the last one is held out of training
 
 
 KINDS = (
-    Kind("cat", _pick(NAMES), ("My cat is called {v}.", "I have a cat named {v}.", "Our cat's name is {v}.",
+    Kind("cat", _pick(NAMES), ("My cat is called {v}.", "I have a cat named {v}.", "Our cat's name is {v}.", "{v}, that is what we call our cat.",
                                "{v} is the name of my cat."),
          ("What is my cat called?", "What's the name of my cat?", "Do you remember my cat's name?",
           "Remind me, what did I say my cat is called?")),
     Kind("dog", _pick(NAMES), ("My sister's dog is named {v}.", "My sister has a dog called {v}.",
-                               "The dog my sister owns is called {v}.", "{v} is what my sister named her dog."),
+                               "The dog my sister owns is called {v}.", "{v}, that's the name of my sister's dog.", "{v} is what my sister named her dog."),
          ("What is my sister's dog named?", "What's my sister's dog called?", "What did my sister name her dog?",
           "Tell me the name of my sister's dog.")),
-    Kind("town", _pick(CITIES), ("I grew up in {v}.", "My home town is {v}.", "I was raised in {v}, a city I still miss.",
+    Kind("town", _pick(CITIES), ("I grew up in {v}.", "My home town is {v}.", "I was raised in {v}, a city I still miss.", "{v}, that's where I spent my childhood.",
                                  "{v} is the city where I grew up."),
          ("Which city did I grow up in?", "What is my home town?", "Where was I raised?",
           "Remind me which city I come from.")),
     Kind("locker", _code4, ("My locker code is {v}.", "Please remember that my locker code is {v}.",
-                            "The code for my locker is {v}.", "I use {v} as my locker code."),
+                            "The code for my locker is {v}.", "{v}, that's the number that opens my locker.", "I use {v} as my locker code."),
          ("What is my locker code?", "What's the code for my locker?", "Which code opens my locker?",
           "Tell me my locker code again.")),
     Kind("boss", _pick(PEOPLE), ("My manager's name is {v}.", "I work for a manager called {v}.",
-                                 "My boss at work is {v}.", "{v} is my manager at work."),
+                                 "My boss at work is {v}.", "{v}, that's who I report to at work.", "{v} is my manager at work."),
          ("What is my manager's name?", "Who is my boss at work?", "What's the name of my manager?",
           "Remind me who my manager is.")),
-    Kind("birthday", _date, ("My birthday is on {v}.", "I was born on {v}.", "I celebrate my birthday on {v}.",
+    Kind("birthday", _date, ("My birthday is on {v}.", "I was born on {v}.", "I celebrate my birthday on {v}.", "{v}, that's the day I was born.",
                              "{v} is my birthday."),
          ("When is my birthday?", "On what day was I born?", "What date is my birthday?",
           "Remind me of my birthday.")),
     Kind("color", _pick(COLORS), ("My favourite colour is {v}.", "I love the colour {v} more than any other.",
-                                  "The colour I like best is {v}.", "{v} is my favourite colour."),
+                                  "The colour I like best is {v}.", "{v}, that's the colour I would always choose.", "{v} is my favourite colour."),
          ("What is my favourite colour?", "Which colour do I like best?", "What colour did I say I love?",
           "Tell me my favourite colour.")),
-    Kind("food", _pick(FOODS), ("My favourite food is {v}.", "I could eat {v} every day.", "The dish I love most is {v}.",
+    Kind("food", _pick(FOODS), ("My favourite food is {v}.", "I could eat {v} every day.", "The dish I love most is {v}.", "{v}, that's what I order whenever I can.",
                                 "{v} is my favourite dish."),
          ("What is my favourite food?", "Which dish do I love most?", "What food could I eat every day?",
           "Remind me what my favourite dish is.")),
     Kind("instrument", _pick(INSTRUMENTS), ("I play the {v}.", "I have been learning the {v} for years.",
-                                            "My instrument is the {v}.", "The {v} is the instrument I play."),
+                                            "My instrument is the {v}.", "The {v}, that's what I practise every evening.", "The {v} is the instrument I play."),
          ("Which instrument do I play?", "What instrument have I been learning?", "What is my instrument?",
           "Tell me which instrument I play.")),
     Kind("passkey", _code5, ("The pass key is {v}. Remember it.", "My pass key is {v}.",
-                             "Remember this pass key: {v}.", "{v} is the pass key, keep it in mind."),
+                             "Remember this pass key: {v}.", "{v}, that's the pass key I want you to keep.", "{v} is the pass key, keep it in mind."),
          ("What is the pass key?", "What's the pass key I gave you?", "Which pass key did I tell you?",
           "Remind me of the pass key.")),
-    Kind("flat", _code4, ("I live in flat number {v}.", "My flat number is {v}.", "My apartment is number {v}.",
+    Kind("flat", _code4, ("I live in flat number {v}.", "My flat number is {v}.", "My apartment is number {v}.", "{v}, that's the number on my flat's door.",
                           "Number {v} is my flat."),
          ("What is my flat number?", "Which flat do I live in?", "What's my apartment number?",
           "Remind me of my flat number.")),
     Kind("friend", _pick(PEOPLE), ("My best friend is called {v}.", "My best friend's name is {v}.",
-                                   "I have known my best friend {v} since school.", "{v} is my best friend."),
+                                   "I have known my best friend {v} since school.", "{v}, that's the name of my best friend.", "{v} is my best friend."),
          ("What is my best friend called?", "Who is my best friend?", "What's my best friend's name?",
           "Tell me my best friend's name.")),
 )
@@ -216,7 +216,10 @@ def conversation(seed: int, n_facts: int, talk_tokens: int, count, held_out: boo
     j = 0
     while j < len(facts):
         if j + 1 < len(facts) and rng.random() < 0.3:
-            text = f"{facts[j].statement} Also, {facts[j + 1].statement[0].lower()}{facts[j + 1].statement[1:]}"
+            nxt = facts[j + 1].statement
+            if not nxt.startswith(facts[j + 1].value):  # a value stated first keeps its capital
+                nxt = nxt[0].lower() + nxt[1:]
+            text = f"{facts[j].statement} Also, {nxt}"
             j += 2
         else:
             text = facts[j].statement

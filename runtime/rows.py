@@ -5,11 +5,12 @@ offered to layers 15-29 recover 94 % of what SmolLM2 does with the fact in its w
 tokens' rows, not a learnt summary, and the only thing it learns is which tokens to keep.
 
   every token t       g_t = sigmoid(w_g . tanh(W_z f_t + b_z) + b_g)       f_t: the graph's write_feat
-                      kept as pending until the chunk's memory event
-  at each event       for the chunk's tokens in order, with g_t > tau:     (the jump map of one CMS level:
-                        j = argmin u   (LRU by usage; empty slots have u = 0)   LRU addressing, the delta rule
-                        if u_j < g_t:  u <- (1 - d) u;  u_j <- g_t              with a binary gate, the decay
-                                       K_j, V_j <- the token's rows             on the usage)
+                      kept as pending until the event after its chunk's
+  at each event       for the previous chunk's tokens in order:            (the jump map of one CMS level:
+                        s_t = max(g_t .. g_t+L)  (L = rows_lookahead)           LRU addressing, the delta rule
+                        if s_t > tau:  j = argmin u  (LRU by usage; empty slots have u = 0)   with a binary
+                        if u_j < s_t:  u <- (1 - d) u;  u_j <- s_t              gate, the decay on the usage)
+                                       K_j, V_j <- the token's rows
   read, every token   layers rows_from.. attend to [sinks | rows | ring | new]: slot j's key is stored rotated
                       at P_j = S + W - 1 - (R - j), and seen from the sinks' query position, so a row sits at
                       distance R - j from every query (recent, as the measurement wants); a row is masked while
@@ -17,8 +18,10 @@ tokens' rows, not a learnt summary, and the only thing it learns is which tokens
                       the window computes exactly what the model alone computes)
 
 Writes wait for the event so that feeding a chunk whole or token by token gives the same state (pieces never
-cross an event). The rows of a chunk's tokens are still in the ring at its event (C <= W): they are taken
-from there. Storage: slot-major (R, layers, KV, hd) for keys and values, so that int8 has one scale per slot,
+cross an event), and one event more so that the lookahead can see the next chunk's first gates: a gate fires
+once a sentence shows itself a fact ("... is the name of my cat"), L tokens after a value that came first
+("Pixel is ..."). The rows of the previous chunk's tokens are still in the ring at the event (2C <= W): they
+are taken from there, and no row is due to be read before it is written (a row is read W tokens after its own). Storage: slot-major (R, layers, KV, hd) for keys and values, so that int8 has one scale per slot,
 layer and head, and a write re-encodes only its own slot. The torch reference is cortex_edge/model/cms.py
 (RowWriter); tests hold the two together.
 What this leaves out: the attention itself (the graph), sessions (session.py).
@@ -67,7 +70,7 @@ class RowState:
     values: dict[str, np.ndarray]  # encoded (R * Lr * KV, hd)
     usage: np.ndarray  # (R,) float32, 0 = empty
     token: np.ndarray  # (R,) int64, absolute index of the token held, -1 = empty
-    pending: np.ndarray  # (C,) float32: gates of the current chunk's tokens (not yet written)
+    pending: np.ndarray  # (2C,) float32: gates of the previous and the current chunk's tokens (not yet written)
 
 
 def empty(cfg: ModelConfig, fmt: str) -> RowState:
@@ -76,7 +79,7 @@ def empty(cfg: ModelConfig, fmt: str) -> RowState:
     z = np.zeros((c.rows * lr * cfg.n_kv_heads, cfg.head_dim), np.float32)
     return RowState(keys=state_codec.encode(z, fmt)[0], values=state_codec.encode(z, fmt)[0],
                     usage=np.zeros(c.rows, np.float32), token=np.full(c.rows, -1, np.int64),
-                    pending=np.zeros(c.chunk, np.float32))
+                    pending=np.zeros(2 * c.chunk, np.float32))
 
 
 def views(rs: RowState, cfg: ModelConfig, fmt: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -99,17 +102,17 @@ def _set_slot(enc: dict[str, np.ndarray], j: int, rows: np.ndarray, fmt: str) ->
 
 def event(rs: RowState, ring_keys: list[np.ndarray], ring_values: list[np.ndarray], n: int, cfg: ModelConfig,
           fmt: str) -> list[tuple[int, int, float]]:
-    """Commit the chunk that ends at token n (exclusive): its tokens with g > tau take the weakest slots.
-    ring_keys[i] (1, KV, P, hd), rotated in the ring's frame after n tokens; ring_values[i] (1, KV, hd, P).
-    Returns the writes (token, slot, g)."""
+    """At the event that ends the chunk before token n: commit the chunk before it, its tokens whose gate or one of
+    the next L tokens' gates passes tau taking the weakest slots. ring_keys[i] (1, KV, P, hd), rotated in the
+    ring's frame after n tokens; ring_values[i] (1, KV, hd, P). Returns the writes (token, slot, strength)."""
     c = cfg.cms
-    S, W = cfg.sinks, cfg.window
+    S, W, C, L = cfg.sinks, cfg.window, c.chunk, c.rows_lookahead
     layers = list(c.row_layers(cfg.n_layers))
     f = ring.frame(n, S, W)
     writes = []
-    for t in range(c.chunk):
-        a = n - c.chunk + t
-        g = float(rs.pending[t])
+    for t in range(C):
+        a = n - 2 * C + t
+        g = float(np.max(rs.pending[t:t + L + 1]))
         if a < S or not g > c.rows_threshold:
             continue
         j = int(np.argmin(rs.usage))
@@ -126,5 +129,6 @@ def event(rs: RowState, ring_keys: list[np.ndarray], ring_values: list[np.ndarra
         rs.usage[j] = np.float32(g)
         rs.token[j] = a
         writes.append((a, j, g))
-    rs.pending[:] = 0.0
+    rs.pending[:C] = rs.pending[C:]
+    rs.pending[C:] = 0.0
     return writes

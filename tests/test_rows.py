@@ -101,19 +101,45 @@ def test_rows_writes_only_above_the_threshold_and_keep_the_strongest(rows_model)
     vals = [np.random.default_rng(10 + i).standard_normal((1, cfg.n_kv_heads, cfg.head_dim, P)).astype(np.float32)
             for i in range(cfg.n_layers)]
     n = 3 * c.chunk
-    g = np.linspace(0.0, 1.0, c.chunk, dtype=np.float32)  # rising gates: the last R above tau win
-    rs.pending[:] = g
+    C = c.chunk
+    g = np.linspace(0.0, 1.0, C, dtype=np.float32)  # rising gates: the last R above tau win
+    rs.pending[:C] = g  # the previous chunk's gates: committed at this event
     writes = rows.event(rs, keys, vals, n, cfg, "fp32")
     assert all(gg > c.rows_threshold for _, _, gg in writes)
     kept = sorted(rs.token.tolist())
-    assert kept == list(range(n - c.rows, n))  # the R strongest (latest) tokens
+    assert kept == list(range(n - C - c.rows, n - C))  # the R strongest (latest) tokens of the chunk before last
     j = int(np.argmax(rs.token))
     v = rows.views(rs, cfg, "fp32")[1][0][0, :, :, j]  # first row layer's value of the last token
-    np.testing.assert_array_equal(v, vals[c.rows_from][0, :, :, int(slot_of(n - 1, cfg.sinks, cfg.window))])
+    np.testing.assert_array_equal(v, vals[c.rows_from][0, :, :, int(slot_of(n - C - 1, cfg.sinks, cfg.window))])
     # a weaker gate does not displace a stronger row
     rs.pending[:] = 0.0
     rs.pending[0] = c.rows_threshold + 0.01
-    assert rows.event(rs, keys, vals, n + c.chunk, cfg, "fp32") == []
+    assert rows.event(rs, keys, vals, n + C, cfg, "fp32") == []
+
+
+def test_rows_lookahead_keeps_the_tokens_just_before_a_gate(rows_model):
+    """A value stated first ("Pixel is the name of my cat") is kept when the gate fires within L tokens after it,
+    also across the chunk boundary (the lookahead reads the next chunk's first gates)."""
+    from cortex_edge.runtime import rows
+
+    m, _, _ = rows_model
+    cfg = m.cfg
+    c = cfg.cms
+    C, L = c.chunk, c.rows_lookahead
+    assert L >= 1
+    P = cfg.sinks + cfg.window
+    keys = [np.zeros((1, cfg.n_kv_heads, P, cfg.head_dim), np.float32) for _ in range(cfg.n_layers)]
+    vals = [np.zeros((1, cfg.n_kv_heads, cfg.head_dim, P), np.float32) for _ in range(cfg.n_layers)]
+    rs = rows.empty(cfg, "fp32")
+    n = 4 * C
+    rs.pending[5] = 0.9  # token n - 2C + 5 fires: it and the L before it are kept, nothing else
+    rs.pending[C] = 0.8  # the current chunk's first token fires: the previous chunk's last L tokens are kept
+    writes = rows.event(rs, keys, vals, n, cfg, "fp32")
+    base = n - 2 * C
+    assert sorted(a for a, _, _ in writes) == list(range(base + 5 - L, base + 6)) + list(range(base + C - L, base + C))
+    assert {a: g for a, _, g in writes}[base + 5 - L] == pytest.approx(0.9)
+    # the current chunk's gates move down: committed at the next event, no longer looked at from the old chunk
+    assert rs.pending[0] == pytest.approx(0.8) and not np.any(rs.pending[C:])
 
 
 def test_sessions_keep_the_rows(rows_bundle, tmp_path):
@@ -223,6 +249,19 @@ def test_gate_training_learns_and_the_sidecar_round_trips(tmp_path):
     tiny, _, _ = builtin("builtin:tiny")  # width 64, the sidecar was made for width 32
     with pytest.raises(CortexError, match="width"):
         rows_train.attach(tiny, cms, 0, tensors)
+
+
+def test_the_lookahead_is_measured_per_sequence_and_chosen_smallest():
+    from cortex_edge.model import rows_train
+
+    g = np.array([0, 0, 0.9, 0, 0, 0.9, 0, 0, 0.9], np.float32)  # two sequences: 5 tokens, then 4
+    y = np.array([1, 1, 1, 0, 0, 1, 0, 1, 1], np.float32)
+    rep = rows_train.lookahead_report(g, y, [5, 4], 0.5, lookaheads=(0, 1, 2))
+    assert rep["0"]["recall"] == pytest.approx(3 / 6) and rep["0"]["false_positive_rate"] == 0.0
+    assert rep["1"]["recall"] == pytest.approx(5 / 6) and rep["1"]["false_positive_rate"] == 0.0
+    # the first sequence's last tokens never look into the second sequence (its first gate is 0.9)
+    assert rep["2"]["recall"] == 1.0 and rep["2"]["false_positive_rate"] == pytest.approx(1 / 3)
+    assert rows_train.choose_lookahead(rep) == 2
 
 
 def test_memory_tasks_hold_out_wordings_and_talk():

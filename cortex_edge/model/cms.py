@@ -102,9 +102,11 @@ class RowWriter(nn.Module):
     @torch.no_grad()
     def event(self, row_k: list[torch.Tensor], row_v: list[torch.Tensor], usage: torch.Tensor, token: torch.Tensor,
               pending: torch.Tensor, ring_k: list[torch.Tensor], ring_v: list[torch.Tensor], n: int, mcfg, rotate_by):
-        """Commit the chunk ending at token n. row_k[i] (B, KV, R, hd), row_v[i] (B, KV, hd, R), usage (B, R),
-        token (B, R) long, pending (B, C); ring_k[i] (B, KV, P, hd) for the row layers, rotated in the ring's
-        frame; rotate_by(x, delta) rotates x by delta positions. Tensors are changed in place."""
+        """At the event ending the chunk before token n, commit the chunk before that one (each token kept with the
+        strongest gate among it and the next rows_lookahead tokens). row_k[i] (B, KV, R, hd), row_v[i]
+        (B, KV, hd, R), usage (B, R), token (B, R) long, pending (B, 2C): the previous and the current chunk's
+        gates; ring_k[i] (B, KV, P, hd) for the row layers, rotated in the ring's frame; rotate_by(x, delta)
+        rotates x by delta positions. Tensors are changed in place."""
         from cortex_edge.runtime import ring
 
         cfg = self.cfg
@@ -112,8 +114,8 @@ class RowWriter(nn.Module):
         f = ring.frame(n, S, W)
         for b in range(usage.shape[0]):
             for t in range(cfg.chunk):
-                a = n - cfg.chunk + t
-                g = float(pending[b, t])
+                a = n - 2 * cfg.chunk + t
+                g = max(float(x) for x in pending[b, t:t + cfg.rows_lookahead + 1])
                 if a < S or not g > cfg.rows_threshold:
                     continue
                 j = int(torch.argmin(usage[b]))
@@ -127,7 +129,8 @@ class RowWriter(nn.Module):
                 usage[b] *= 1.0 - cfg.rows_decay
                 usage[b, j] = g
                 token[b, j] = a
-        pending.zero_()
+        pending[:, :cfg.chunk] = pending[:, cfg.chunk:].clone()
+        pending[:, cfg.chunk:] = 0.0
 
 
 class CMSWriter(nn.Module):

@@ -317,7 +317,7 @@ class TorchStream:
         self.row_v = [torch.zeros(batch, cfg.n_kv_heads, cfg.head_dim, R) for _ in rl]
         self.row_usage = torch.zeros(batch, R)
         self.row_token = torch.full((batch, R), -1, dtype=torch.long)
-        self.row_pending = torch.zeros(batch, c.chunk)
+        self.row_pending = torch.zeros(batch, 2 * c.chunk)  # the previous and the current chunk
         self.row_writes: list[tuple[int, int, float]] = []
 
     def piece(self, ids: torch.Tensor):
@@ -352,7 +352,7 @@ class TorchStream:
         for i in range(T):  # token by token, the same summation order as the runtime
             self.acc = self.acc + feat[:, i]
         if cfg.cms.rows:
-            c0 = self.n % cfg.cms.chunk
+            c0 = cfg.cms.chunk + self.n % cfg.cms.chunk
             self.row_pending[:, c0:c0 + T] = self.model.cms_write.rows.gates(feat.detach())
         self.n += T
         if cfg.cms.rows and self.n % cfg.cms.chunk == 0:

@@ -117,11 +117,13 @@ def cache_features(model, tok, fmt, folder: Path, n_chat: int, n_text: int, seed
 
     for i in range(n_chat + n_text):
         p = folder / f"{i:05d}.npz"
-        if p.exists():
-            continue
         seed = seed0 + i
         ids, y = chat_sample(seed, tok, fmt, count) if i < n_chat else text_sample(seed, tok)
         ids, y = ids[:max_tokens], y[:max_tokens]
+        if p.exists():  # a cached sequence is reused only if it is this sequence (the data may have changed)
+            with np.load(p, allow_pickle=False) as z:
+                if np.array_equal(z["ids"], np.array(ids, np.int32)) and np.array_equal(z["y"], y):
+                    continue
         h = lower_hidden(model, ids, model.cfg.memory_layer)
         tmp = p.with_suffix(".tmp.npz")
         np.savez(tmp, h=h.numpy().astype(np.float16), y=y, ids=np.array(ids, np.int32))
@@ -130,16 +132,16 @@ def cache_features(model, tok, fmt, folder: Path, n_chat: int, n_text: int, seed
             progress(i + 1, n_chat + n_text, len(ids))
 
 
-def load_cache(folder: Path, skip_first: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """All cached tokens but each sequence's first skip_first (the attention sinks: never stored)."""
+def load_cache(folder: Path, skip_first: int = 4, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """All cached tokens but each sequence's first skip_first (the attention sinks: never stored), and the
+    sequences' lengths. n: the first n sequences (a cache may hold more than a run asks for)."""
     hs, ys = [], []
-    for p in sorted(folder.glob("[0-9]*.npz")):
-        if p.name.endswith(".tmp.npz"):
-            continue
+    for p in sorted(folder.glob("[0-9]*.npz"))[:n]:
         with np.load(p, allow_pickle=False) as z:
             hs.append(z["h"][skip_first:])
             ys.append(z["y"][skip_first:])
-    return torch.from_numpy(np.concatenate(hs).astype(np.float32)), torch.from_numpy(np.concatenate(ys))
+    return (torch.from_numpy(np.concatenate(hs).astype(np.float32)), torch.from_numpy(np.concatenate(ys)),
+            [len(y) for y in ys])
 
 
 class Gate(torch.nn.Module):
@@ -200,9 +202,33 @@ def gate_report(gate: Gate, h: torch.Tensor, y: torch.Tensor, thresholds=(0.3, 0
     return out
 
 
+def lookahead_report(g: np.ndarray, y: np.ndarray, lengths: list[int], tau: float,
+                     lookaheads=(0, 1, 2, 3, 4, 5, 6, 8)) -> dict:
+    """Per lookahead L: the share of fact-statement tokens kept (the strongest gate g among the token and the
+    next L of its sequence > tau) and of other tokens kept. g, y: the sequences' tokens one after another."""
+    yy = y > 0
+    out = {}
+    for L in lookaheads:
+        s, at = np.empty_like(g), 0
+        for n in lengths:
+            seq = np.concatenate([g[at:at + n], np.zeros(L, g.dtype)])
+            s[at:at + n] = np.max(np.lib.stride_tricks.sliding_window_view(seq, L + 1), axis=1)
+            at += n
+        kept = s > tau
+        out[str(L)] = {"recall": float(kept[yy].mean()), "false_positive_rate": float(kept[~yy].mean())}
+    return out
+
+
+def choose_lookahead(rep: dict) -> int:
+    """The smallest lookahead whose validation recall of statement tokens reaches TARGET_RECALL (else the best)."""
+    ok = [int(L) for L, r in rep.items() if r["recall"] >= TARGET_RECALL]
+    return min(ok) if ok else int(max(rep, key=lambda L: rep[L]["recall"]))
+
+
 N_CHAT, N_TEXT = 500, 300  # training sequences (about 330k tokens)
 N_VAL_CHAT, N_VAL_TEXT = 40, 20  # validation sequences (seeds of their own), for the threshold
 TARGET_PRECISION = 0.99  # the threshold: the lowest whose validation precision reaches this
+TARGET_RECALL = 0.99  # the lookahead: the smallest whose validation recall of statement tokens reaches this
 
 
 def choose_threshold(gate: Gate, h: torch.Tensor, y: torch.Tensor) -> tuple[float, dict]:
@@ -235,19 +261,26 @@ def train_sidecar(source: str, out: Path, cache: Path, rows: int = 48, steps: in
     cache_features(model, tok, fmt, cache, N_CHAT, N_TEXT, seed0=seed * 100_000, progress=prog)
     cache_features(model, tok, fmt, cache / "val", N_VAL_CHAT, N_VAL_TEXT, seed0=mt.HELD_OUT_SEED - 10_000,
                    progress=prog)
-    h, y = load_cache(cache)
+    h, y, _ = load_cache(cache, n=N_CHAT + N_TEXT)
     log(f"training the gate on {h.shape[0]} tokens ({int(y.sum())} in fact statements)")
     c = model.cfg
     gate = train_gate(h, y, c.dim, 128, c.norm_eps, steps=steps, seed=seed,
                       log=lambda r: log(f"step {r['step']}: loss {r['loss']:.4f}"))
-    hv, yv = load_cache(cache / "val")
+    hv, yv, lv = load_cache(cache / "val", n=N_VAL_CHAT + N_VAL_TEXT)
     tau, rep = choose_threshold(gate, hv, yv)
-    cms = row_cms_config(c.n_layers, c.cms.chunk, tau, rows=rows)
+    with torch.no_grad():
+        look = lookahead_report(torch.sigmoid(gate(hv)).numpy(), yv.numpy(), lv, tau)
+    L = choose_lookahead(look)
+    cms = row_cms_config(c.n_layers, c.cms.chunk, tau, rows=rows, lookahead=L)
     info = {"source": source, "training_tokens": int(h.shape[0]), "positive_tokens": int(y.sum()), "steps": steps,
-            "seed": seed, "threshold": tau, "validation": rep[str(tau)], "seconds": round(time.time() - t0, 1)}
+            "seed": seed, "threshold": tau, "validation": rep[str(tau)], "lookahead": L,
+            "validation_lookahead": look, "seconds": round(time.time() - t0, 1)}
     save_sidecar(out, gate, cms, c.memory_layer, info)
     log(f"threshold {tau}: validation precision {rep[str(tau)]['precision']:.3f}, recall {rep[str(tau)]['recall']:.3f}, "
         f"false positives {rep[str(tau)]['false_positive_rate']:.2e} of other tokens")
+    log(f"lookahead {L}: statement tokens kept {look[str(L)]['recall']:.3f}, other tokens "
+        f"{look[str(L)]['false_positive_rate']:.2e} (lookahead 0: {look['0']['recall']:.3f}, "
+        f"{look['0']['false_positive_rate']:.2e})")
     return info
 
 
@@ -255,14 +288,15 @@ def train_sidecar(source: str, out: Path, cache: Path, rows: int = 48, steps: in
 SIDECAR_FORMAT = "cortex-edge-sidecar"
 
 
-def row_cms_config(n_layers: int, chunk: int, threshold: float, rows: int = 48, rows_from: int | None = None):
+def row_cms_config(n_layers: int, chunk: int, threshold: float, rows: int = 48, rows_from: int | None = None,
+                   lookahead: int = 0):
     """The CMS of a backbone with a row level: the row level does the remembering; the residual levels are kept
     at one small level (its read gate closed, W_o = 0) so that the whole state fits one A76 core's L2."""
     from cortex_edge.config import CMSConfig
 
     return CMSConfig(slots=(16,), widths=(64,), key_dim=32, event_dim=128, chunk=chunk, write_every=(1,),
                      decay=(0.05,), rows=rows, rows_from=(4 * n_layers) // 15 if rows_from is None else rows_from,
-                     rows_threshold=threshold, rows_decay=1e-3)
+                     rows_threshold=threshold, rows_decay=1e-3, rows_lookahead=lookahead)
 
 
 def save_sidecar(path: Path, gate: Gate, cms, memory_layer: int, info: dict) -> None:
