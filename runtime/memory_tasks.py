@@ -149,6 +149,29 @@ TALK_KINDS = ("smalltalk", "trivia", "scripture", HELD_OUT_TALK)
 # evaluation's chats hold small talk and trivia, or the held-out recipes
 EVAL_TALK = ("smalltalk", "trivia")
 
+# repetitive filler (the pass-key task's kind of haystack): a few short sentences repeated. Training draws them
+# from these pools; the pass-key evaluation's own filler (runtime/niah.py: grass, sky, sun, "Here we go.") is
+# kept out of them, so that it stays a held-out haystack
+FILLER_SUBJECTS = ["The river", "The road", "The tea", "The house", "The wall", "The cloud", "The moon", "The field",
+                   "The door", "The tree", "The stone", "The snow", "The bread", "The lamp", "The hill", "The sea"]
+FILLER_ADJECTIVES = ["wide", "long", "hot", "old", "white", "grey", "bright", "quiet", "open", "tall", "cold", "soft",
+                     "dark", "round", "warm", "still"]
+FILLER_PHRASES = ["Off we go.", "Up and down again.", "On and on it goes.", "Here it comes.", "Round and round.",
+                  "Day after day.", "So it goes.", "One more time.", "Back and forth.", "Now and then."]
+
+
+def filler_unit(rng) -> str:
+    """2-6 short sentences, the unit a repetitive haystack repeats."""
+    out = []
+    for _ in range(int(rng.integers(2, 7))):
+        if rng.random() < 0.7:
+            s = FILLER_SUBJECTS[int(rng.integers(len(FILLER_SUBJECTS)))]
+            out.append(f"{s} is {FILLER_ADJECTIVES[int(rng.integers(len(FILLER_ADJECTIVES)))]}.")
+        else:
+            out.append(FILLER_PHRASES[int(rng.integers(len(FILLER_PHRASES)))])
+    return " ".join(out)
+
+
 _GENESIS: list[str] | None = None
 
 

@@ -284,3 +284,16 @@ def test_memory_tasks_hold_out_wordings_and_talk():
         assert all(f.question == kind[f.kind].questions[-1] for f in c.facts)
         assert all(f.statement == kind[f.kind].statements[-1].format(v=f.value) for f in c.facts)
         assert c.talk == mt.HELD_OUT_TALK
+
+
+def test_training_filler_keeps_the_pass_key_haystack_out():
+    """The training's repetitive haystacks never hold a sentence of the pass-key evaluation's filler: that one
+    stays a held-out haystack."""
+    from cortex_edge.runtime import memory_tasks as mt
+    from cortex_edge.runtime.niah import FILLER
+
+    held = {s.strip() + "." for s in FILLER.split(".") if s.strip()}
+    units = [mt.filler_unit(np.random.default_rng(s)) for s in range(300)]
+    drawn = {s.strip() + "." for u in units for s in u.split(".") if s.strip()}
+    assert len(drawn) > 50  # many distinct sentences, none of them the evaluation's
+    assert not drawn & held

@@ -14,7 +14,9 @@ the cache in seconds. A run killed half way resumes from the cached sequences.
 Data (runtime/memory_tasks.py, seeds below HELD_OUT_SEED; the held-out wordings and talk never appear):
   chat   conversations rendered with the backbone's own chat template: other talk, 1-4 facts (one or two
          per message), more talk
-  text   raw text (Genesis verses, small talk, trivia) with 1-3 fact statements inserted at random places
+  text   raw text (Genesis verses, small talk, trivia), or a third of the time a few short sentences repeated
+         (the pass-key task's kind of haystack, mt.filler_unit: not the evaluation's own filler), with 1-3 fact
+         statements inserted at random places
 What this leaves out: the read (no training: the frozen model copies from its own rows, docs/memory.md), the
 export (export/pipeline.py reads the trained weights).
 """
@@ -91,10 +93,14 @@ def chat_sample(seed: int, tok, fmt, count) -> tuple[list[int], np.ndarray]:
 def text_sample(seed: int, tok) -> tuple[list[int], np.ndarray]:
     rng = np.random.default_rng(seed)
     pieces = []
-    for _ in range(int(rng.integers(8, 30))):
-        kind = ["smalltalk", "trivia", "scripture", "scripture"][int(rng.integers(4))]
-        u, a = mt.talk_turn(rng, kind)
-        pieces.append(a if kind != "scripture" else u.split(": ", 1)[1].rsplit(" What", 1)[0])
+    if rng.random() < FILLER_SHARE:  # a repetitive haystack: one short unit of sentences, repeated
+        unit = mt.filler_unit(rng)
+        pieces = [unit] * int(rng.integers(10, 40))
+    else:
+        for _ in range(int(rng.integers(8, 30))):
+            kind = ["smalltalk", "trivia", "scripture", "scripture"][int(rng.integers(4))]
+            u, a = mt.talk_turn(rng, kind)
+            pieces.append(a if kind != "scripture" else u.split(": ", 1)[1].rsplit(" What", 1)[0])
     facts = [mt.draw_fact(rng, mt.KINDS[int(i)], False) for i in rng.permutation(len(mt.KINDS))[:int(rng.integers(1, 4))]]
     for f in facts:
         pieces.insert(int(rng.integers(len(pieces) + 1)), f.statement)
@@ -225,8 +231,9 @@ def choose_lookahead(rep: dict) -> int:
     return min(ok) if ok else int(max(rep, key=lambda L: rep[L]["recall"]))
 
 
-N_CHAT, N_TEXT = 500, 300  # training sequences (about 330k tokens)
-N_VAL_CHAT, N_VAL_TEXT = 40, 20  # validation sequences (seeds of their own), for the threshold
+N_CHAT, N_TEXT = 500, 450  # training sequences (about 600k tokens)
+FILLER_SHARE = 1 / 3  # of the texts: repetitive filler as haystack (mt.filler_unit), the rest real text
+N_VAL_CHAT, N_VAL_TEXT = 40, 30  # validation sequences (seeds of their own), for the threshold
 TARGET_PRECISION = 0.99  # the threshold: the lowest whose validation precision reaches this
 TARGET_RECALL = 0.99  # the lookahead: the smallest whose validation recall of statement tokens reaches this
 
