@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+ROW_PLACES = ("slot", "recency")
 ADDRESSING_MODES = ("content", "lru", "hybrid")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")  # the MLP's gate activation: SiLU (Llama), exact or tanh GELU
 MAX_SIZE = 1 << 20  # no dimension of a model this runtime runs is larger
@@ -43,6 +44,8 @@ class CMSConfig:
     rows_threshold: float = 0.5  # a token is written when its gate g > rows_threshold (and beats the weakest slot)
     rows_decay: float = 1e-3  # each write decays every slot's usage by (1 - rows_decay): old rows yield, slowly
     rows_lookahead: int = 0  # a token is kept with the strongest gate among it and the next rows_lookahead tokens
+    rows_place: str = "slot"  # where a row is read from: "slot" (slot j at distance R - j from the sinks' query) or
+    #                           "recency" (the k-th newest row held at distance k + 1: facts read as just said)
 
     @property
     def levels(self) -> int:
@@ -81,6 +84,8 @@ class CMSConfig:
         v = self.rows_lookahead
         if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= self.chunk:
             raise ConfigError("cms.rows_lookahead must be an integer in [0, cms.chunk]")
+        if self.rows_place not in ROW_PLACES:
+            raise ConfigError(f"cms.rows_place must be one of {ROW_PLACES}, got {self.rows_place!r}")
 
     def row_layers(self, n_layers: int) -> range:
         """The layers whose attention reads the row level (empty without one)."""

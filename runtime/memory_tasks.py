@@ -13,6 +13,7 @@ What this leaves out: running a model (runtime/chat_memory.py, the training code
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -259,4 +260,6 @@ def conversation(seed: int, n_facts: int, talk_tokens: int, count, held_out: boo
 
 
 def answer_contains(answer: str, value: str) -> bool:
-    return value.lower() in answer.lower()
+    """The value as a whole in the answer (any case): not inside a longer word or number ("June 2" is not in
+    "June 21st", "7595" not in "17595"; "June 2nd" and "Pixel's" count)."""
+    return re.search(r"(?<!\w)" + re.escape(value.lower()) + r"(?!\d)(?!(?<=[a-z])[a-z])", answer.lower()) is not None

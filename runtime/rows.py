@@ -13,7 +13,9 @@ tokens' rows, not a learnt summary, and the only thing it learns is which tokens
                                        K_j, V_j <- the token's rows
   read, every token   layers rows_from.. attend to [sinks | rows | ring | new]: slot j's key is stored rotated
                       at P_j = S + W - 1 - (R - j), and seen from the sinks' query position, so a row sits at
-                      distance R - j from every query (recent, as the measurement wants); a row is masked while
+                      distance R - j from every query (recent, as the measurement wants); with rows_place
+                      "recency" the views rotate it on so that the k-th newest held row sits at distance k + 1
+                      (a statement's tokens in order, as if just said); a row is masked while
                       its token is still in the window (the model sees each token once, and a history that fits
                       the window computes exactly what the model alone computes)
 
@@ -58,6 +60,19 @@ def row_position(j: int | np.ndarray, cfg: ModelConfig) -> np.ndarray:
     return cfg.sinks + cfg.window - 1 - (cfg.cms.rows - np.asarray(j))
 
 
+def read_position(token: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """(R,) rotary position each slot's key is read at. rows_place "slot": where it is stored (row_position).
+    "recency": the held rows in token order, the k-th newest at distance k + 1 from the sinks' query position
+    (a fact's statement then reads as its own tokens, in order, just said); empty slots stay where they are."""
+    R = cfg.cms.rows
+    pos = row_position(np.arange(R), cfg)
+    if cfg.cms.rows_place == "recency":
+        held = np.flatnonzero(token >= 0)
+        newest_first = held[np.argsort(-token[held], kind="stable")]
+        pos[newest_first] = cfg.sinks + cfg.window - 2 - np.arange(held.size)
+    return pos
+
+
 def mask(token: np.ndarray, a: np.ndarray, window: int) -> np.ndarray:
     """(T, R) additive mask: slot j visible to the query of token a once its token has left the window."""
     return np.where((token[None, :] >= 0) & (a[:, None] - token[None, :] >= window), np.float32(0.0),
@@ -88,6 +103,11 @@ def views(rs: RowState, cfg: ModelConfig, fmt: str) -> tuple[list[np.ndarray], l
     lr, KV, hd = len(c.row_layers(cfg.n_layers)), cfg.n_kv_heads, cfg.head_dim
     k = state_codec.decode(rs.keys, fmt).reshape(c.rows, lr, KV, hd)
     v = state_codec.decode(rs.values, fmt).reshape(c.rows, lr, KV, hd)
+    move = read_position(rs.token, cfg) - row_position(np.arange(c.rows), cfg)
+    if np.any(move):  # keys are stored rotated at their slot's position: rotated on to where they are read
+        k = k.copy()
+        for j in np.flatnonzero(move):
+            k[j] = ring.rotate(k[j], int(move[j]), cfg.rope_theta, cfg.rope_freq_divisors)
     return ([np.ascontiguousarray(k[:, i].transpose(1, 0, 2)[None]) for i in range(lr)],
             [np.ascontiguousarray(v[:, i].transpose(1, 2, 0)[None]) for i in range(lr)])
 

@@ -11,8 +11,9 @@ from tests.conftest import requires_torch
 pytestmark = requires_torch
 
 
-@pytest.fixture(scope="module")
-def rows_model():
+def _rows_model(place: str = "slot"):
+    import dataclasses
+
     import torch
 
     from cortex_edge.config import tiny_rows_config
@@ -20,7 +21,8 @@ def rows_model():
     from cortex_edge.model.lm import build
 
     _, tok, meta = builtin("builtin:tiny")
-    m = build(tiny_rows_config(), seed=3)
+    cfg = tiny_rows_config()
+    m = build(dataclasses.replace(cfg, cms=dataclasses.replace(cfg.cms, rows_place=place)), seed=3)
     with torch.no_grad():  # a gate that lets about half the tokens in
         m.cms_write.rows.gate.weight.normal_(0.0, 2.0, generator=torch.Generator().manual_seed(1))
         m.cms_write.rows.gate.bias.fill_(0.0)
@@ -28,20 +30,47 @@ def rows_model():
 
 
 @pytest.fixture(scope="module")
-def rows_bundle(rows_model, tmp_path_factory):
+def rows_model():
+    return _rows_model()
+
+
+@pytest.fixture(scope="module")
+def rows_model_recency():
+    return _rows_model("recency")
+
+
+def _write(model, tmp_path_factory):
     from cortex_edge.export.bundle_writer import write_bundle
 
-    m, tok, meta = rows_model
+    m, tok, meta = model
     out = tmp_path_factory.mktemp("rows") / "b"
     write_bundle(m, tok, meta, out, weights="fp32", state="fp32", source="builtin:tiny", quiet=True)
     return out
+
+
+@pytest.fixture(scope="module")
+def rows_bundle(rows_model, tmp_path_factory):
+    return _write(rows_model, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def rows_bundle_recency(rows_model_recency, tmp_path_factory):
+    return _write(rows_model_recency, tmp_path_factory)
+
+
+@pytest.fixture(params=["slot", "recency"])
+def placed(request):
+    """(model, bundle) for each way a row is placed for reading (config.rows_place)."""
+    if request.param == "slot":
+        return request.getfixturevalue("rows_model"), request.getfixturevalue("rows_bundle")
+    return request.getfixturevalue("rows_model_recency"), request.getfixturevalue("rows_bundle_recency")
 
 
 def _ids(n, seed=0, vocab=264):
     return np.random.default_rng(seed).integers(3, vocab, n)
 
 
-def test_runtime_rows_match_the_torch_reference(rows_model, rows_bundle):
+def test_runtime_rows_match_the_torch_reference(placed):
     import torch
 
     from cortex_edge.model.lm import TorchStream
@@ -49,7 +78,7 @@ def test_runtime_rows_match_the_torch_reference(rows_model, rows_bundle):
     from cortex_edge.runtime.bundle import load_bundle
     from cortex_edge.runtime.engine import Engine
 
-    m, _, _ = rows_model
+    (m, _, _), rows_bundle = placed
     cfg = m.cfg
     ids = _ids(400)  # the window is 48: many rows leave it and are read
     with torch.no_grad():
@@ -62,8 +91,9 @@ def test_runtime_rows_match_the_torch_reference(rows_model, rows_bundle):
     np.testing.assert_array_equal(st.rows.token, ts.row_token[0].numpy())
     np.testing.assert_allclose(st.rows.usage, ts.row_usage[0].numpy(), rtol=1e-5)
     rk, rv = rows.views(st.rows, cfg, "fp32")
+    read = ts.row_keys_read()
     for j in range(len(ts.row_k)):
-        np.testing.assert_allclose(rk[j], ts.row_k[j].numpy(), atol=2e-4)
+        np.testing.assert_allclose(rk[j], read[j].numpy(), atol=2e-4)
         np.testing.assert_allclose(rv[j], ts.row_v[j].numpy(), atol=2e-4)
     assert np.max(np.abs(got - ref)) < 2e-3 * max(1.0, np.max(np.abs(ref)))
     # the rows are read: the same stream with the sidecar off computes something else once rows are visible
@@ -74,9 +104,11 @@ def test_runtime_rows_match_the_torch_reference(rows_model, rows_bundle):
     np.testing.assert_allclose(off[:first], got[:first], atol=1e-5)
 
 
-def test_rows_chunk_equals_token_by_token(rows_bundle):
+def test_rows_chunk_equals_token_by_token(placed):
     from cortex_edge.runtime.bundle import load_bundle
     from cortex_edge.runtime.engine import Engine
+
+    _, rows_bundle = placed
 
     eng = Engine(load_bundle(rows_bundle), threads=1)
     ids = _ids(300, seed=5)
@@ -297,3 +329,36 @@ def test_training_filler_keeps_the_pass_key_haystack_out():
     drawn = {s.strip() + "." for u in units for s in u.split(".") if s.strip()}
     assert len(drawn) > 50  # many distinct sentences, none of them the evaluation's
     assert not drawn & held
+
+
+def test_recency_reads_the_held_rows_in_token_order_newest_nearest(rows_model_recency):
+    from cortex_edge.quantize import state_codec
+    from cortex_edge.runtime import ring, rows
+
+    m, _, _ = rows_model_recency
+    cfg = m.cfg
+    R, S, W, hd = cfg.cms.rows, cfg.sinks, cfg.window, cfg.head_dim
+    rs = rows.empty(cfg, "fp32")
+    rs.token[:] = -1
+    rs.token[[1, 2, 5, 6]] = [70, 10, 90, 50]  # slots hold tokens out of order, as LRU leaves them
+    stored = np.random.default_rng(0).standard_normal(state_codec.decode(rs.keys, "fp32").shape).astype(np.float32)
+    rs.keys = state_codec.encode(stored, "fp32")[0]
+    pos = rows.read_position(rs.token, cfg)
+    assert [pos[j] for j in (5, 1, 6, 2)] == [S + W - 2 - k for k in range(4)]  # 90, 70, 50, 10: distance 1..4
+    empty = [j for j in range(R) if rs.token[j] < 0]
+    np.testing.assert_array_equal(pos[empty], rows.row_position(np.array(empty), cfg))
+    rk, _ = rows.views(rs, cfg, "fp32")
+    per_slot = stored.reshape(R, len(rk), cfg.n_kv_heads, hd)
+    for j in (1, 2, 5, 6):
+        want = ring.rotate(per_slot[j, 0], int(pos[j] - rows.row_position(j, cfg)), cfg.rope_theta)
+        np.testing.assert_allclose(rk[0][0, :, j], want, atol=1e-6)
+    np.testing.assert_array_equal(rk[0][0, :, 0], per_slot[0, 0])  # an empty slot is not moved
+
+
+def test_an_answer_counts_only_the_whole_value():
+    from cortex_edge.runtime.memory_tasks import answer_contains
+
+    assert answer_contains("Your birthday is June 2nd.", "June 2")
+    assert not answer_contains("June 21st.", "June 2")  # another date that starts with the value
+    assert answer_contains("The code is 7595.", "7595") and not answer_contains("It is 17595", "7595")
+    assert answer_contains("PIXEL's bowl", "Pixel") and not answer_contains("Pixels", "Pixel")

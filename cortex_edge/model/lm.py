@@ -320,6 +320,23 @@ class TorchStream:
         self.row_pending = torch.zeros(batch, 2 * c.chunk)  # the previous and the current chunk
         self.row_writes: list[tuple[int, int, float]] = []
 
+    def row_keys_read(self) -> list[torch.Tensor]:
+        """The row keys as the attention reads them. A slot's key is stored rotated at S + W - 1 - (R - j); with
+        rows_place "recency" the held rows are read in token order, the k-th newest at S + W - 2 - k."""
+        cfg = self.cfg
+        if cfg.cms.rows_place == "slot":
+            return self.row_k
+        S, W, R = cfg.sinks, cfg.window, cfg.cms.rows
+        out = [k.clone() for k in self.row_k]
+        for b in range(self.batch):
+            held = [j for j in range(R) if int(self.row_token[b, j]) >= 0]
+            for k, j in enumerate(sorted(held, key=lambda j: -int(self.row_token[b, j]))):
+                d = (S + W - 2 - k) - (S + W - 1 - (R - j))
+                cos, sin = rope_cos_sin(torch.tensor(d), cfg.head_dim, cfg.rope_theta, cfg.rope_freq_divisors)
+                for i in range(len(out)):
+                    out[i][b, :, j] = rotate(self.row_k[i][b, :, j], cos, sin)
+        return out
+
     def piece(self, ids: torch.Tensor):
         """ids (B, T), not crossing a chunk boundary -> logits (B, T, V)"""
         cfg = self.cfg
@@ -330,7 +347,7 @@ class TorchStream:
         if cfg.cms.rows:
             a = torch.arange(self.n, self.n + T)
             tok = self.row_token
-            rows = {"row_keys": self.row_k, "row_values": self.row_v,  # (T, R), batch 1's bookkeeping per stream
+            rows = {"row_keys": self.row_keys_read(), "row_values": self.row_v,  # (T, R), batch 1's per stream
                     "row_mask": torch.where((tok[0][None, :] >= 0) & (a[:, None] - tok[0][None, :] >= cfg.window),
                                             0.0, float(ring.NEG_INF))}
             assert self.batch == 1 or not torch.any(tok >= 0), "rows reads are batch 1 (training caches its own)"
