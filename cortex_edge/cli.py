@@ -631,7 +631,8 @@ def info(bundle):
         click.echo(f"rows        {c.cms.rows} token rows read by layers {rl.start}-{rl.stop - 1}; a token is kept when its "
                    f"gate > {c.cms.rows_threshold}" + (f" (or one of the next {c.cms.rows_lookahead} tokens')"
                                                         if c.cms.rows_lookahead else "")
-                   + ("; read newest nearest" if c.cms.rows_place == "recency" else ""))
+                   + (f"; read in token order, the newest {c.cms.rows_gap + 1} positions back"
+                      if c.cms.rows_place == "recency" else ""))
     click.echo(f"formats     weights {b.weights}, state {b.state_format}")
     # the validation section is the exporter's report, outside the fingerprint: shown only when well-formed
     val = m.get("validation")

@@ -45,7 +45,8 @@ class CMSConfig:
     rows_decay: float = 1e-3  # each write decays every slot's usage by (1 - rows_decay): old rows yield, slowly
     rows_lookahead: int = 0  # a token is kept with the strongest gate among it and the next rows_lookahead tokens
     rows_place: str = "slot"  # where a row is read from: "slot" (slot j at distance R - j from the sinks' query) or
-    #                           "recency" (the k-th newest row held at distance k + 1: facts read as just said)
+    #                           "recency" (the k-th newest row held at distance rows_gap + k + 1)
+    rows_gap: int = 0  # with "recency": distances kept free between the query and the newest row
 
     @property
     def levels(self) -> int:
@@ -84,6 +85,8 @@ class CMSConfig:
         v = self.rows_lookahead
         if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= self.chunk:
             raise ConfigError("cms.rows_lookahead must be an integer in [0, cms.chunk]")
+        if not isinstance(self.rows_gap, int) or isinstance(self.rows_gap, bool) or not 0 <= self.rows_gap <= MAX_SIZE:
+            raise ConfigError(f"cms.rows_gap must be an integer in [0, {MAX_SIZE}]")
         if self.rows_place not in ROW_PLACES:
             raise ConfigError(f"cms.rows_place must be one of {ROW_PLACES}, got {self.rows_place!r}")
 

@@ -17,7 +17,7 @@ DEFAULT_SOURCE = "smollm2"  # SmolLM2-135M-Instruct, the GGUF inside the PyPI pa
 #  3: RoPE as onnxruntime's RotaryEmbedding kernel; 4: the trained row memory, export/data/smollm2_sidecar.safetensors;
 #  5: its gate retrained with value-first statements, rows committed one event later;
 #  6: the gate trained on repetitive-filler haystacks too: revision 5's fired on the pass-key filler;
-#  7: the same gate, its rows read by recency (config.rows_place))
+#  7: the same gate, its rows read by recency 16 distances back (config.rows_place, rows_gap))
 EXPORT_REVISION = 7
 
 

@@ -69,7 +69,7 @@ def read_position(token: np.ndarray, cfg: ModelConfig) -> np.ndarray:
     if cfg.cms.rows_place == "recency":
         held = np.flatnonzero(token >= 0)
         newest_first = held[np.argsort(-token[held], kind="stable")]
-        pos[newest_first] = cfg.sinks + cfg.window - 2 - np.arange(held.size)
+        pos[newest_first] = cfg.sinks + cfg.window - 2 - cfg.cms.rows_gap - np.arange(held.size)
     return pos
 
 

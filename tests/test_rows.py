@@ -22,7 +22,8 @@ def _rows_model(place: str = "slot"):
 
     _, tok, meta = builtin("builtin:tiny")
     cfg = tiny_rows_config()
-    m = build(dataclasses.replace(cfg, cms=dataclasses.replace(cfg.cms, rows_place=place)), seed=3)
+    gap = 3 if place == "recency" else 0  # a gap, so that the reference and the runtime are compared with one
+    m = build(dataclasses.replace(cfg, cms=dataclasses.replace(cfg.cms, rows_place=place, rows_gap=gap)), seed=3)
     with torch.no_grad():  # a gate that lets about half the tokens in
         m.cms_write.rows.gate.weight.normal_(0.0, 2.0, generator=torch.Generator().manual_seed(1))
         m.cms_write.rows.gate.bias.fill_(0.0)
@@ -332,11 +333,13 @@ def test_training_filler_keeps_the_pass_key_haystack_out():
 
 
 def test_recency_reads_the_held_rows_in_token_order_newest_nearest(rows_model_recency):
+    import dataclasses
+
     from cortex_edge.quantize import state_codec
     from cortex_edge.runtime import ring, rows
 
     m, _, _ = rows_model_recency
-    cfg = m.cfg
+    cfg = dataclasses.replace(m.cfg, cms=dataclasses.replace(m.cfg.cms, rows_gap=0))
     R, S, W, hd = cfg.cms.rows, cfg.sinks, cfg.window, cfg.head_dim
     rs = rows.empty(cfg, "fp32")
     rs.token[:] = -1
@@ -345,6 +348,8 @@ def test_recency_reads_the_held_rows_in_token_order_newest_nearest(rows_model_re
     rs.keys = state_codec.encode(stored, "fp32")[0]
     pos = rows.read_position(rs.token, cfg)
     assert [pos[j] for j in (5, 1, 6, 2)] == [S + W - 2 - k for k in range(4)]  # 90, 70, 50, 10: distance 1..4
+    gapped = dataclasses.replace(cfg, cms=dataclasses.replace(cfg.cms, rows_gap=5))
+    assert [rows.read_position(rs.token, gapped)[j] for j in (5, 1, 6, 2)] == [S + W - 7 - k for k in range(4)]
     empty = [j for j in range(R) if rs.token[j] < 0]
     np.testing.assert_array_equal(pos[empty], rows.row_position(np.array(empty), cfg))
     rk, _ = rows.views(rs, cfg, "fp32")

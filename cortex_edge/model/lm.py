@@ -331,7 +331,7 @@ class TorchStream:
         for b in range(self.batch):
             held = [j for j in range(R) if int(self.row_token[b, j]) >= 0]
             for k, j in enumerate(sorted(held, key=lambda j: -int(self.row_token[b, j]))):
-                d = (S + W - 2 - k) - (S + W - 1 - (R - j))
+                d = (S + W - 2 - cfg.cms.rows_gap - k) - (S + W - 1 - (R - j))
                 cos, sin = rope_cos_sin(torch.tensor(d), cfg.head_dim, cfg.rope_theta, cfg.rope_freq_divisors)
                 for i in range(len(out)):
                     out[i][b, :, j] = rotate(self.row_k[i][b, :, j], cos, sin)

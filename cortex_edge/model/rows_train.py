@@ -296,16 +296,17 @@ SIDECAR_FORMAT = "cortex-edge-sidecar"
 
 
 def row_cms_config(n_layers: int, chunk: int, threshold: float, rows: int = 48, rows_from: int | None = None,
-                   lookahead: int = 0, place: str = "recency"):
+                   lookahead: int = 0, place: str = "recency", gap: int = 16):
     """The CMS of a backbone with a row level: the row level does the remembering; the residual levels are kept
     at one small level (its read gate closed, W_o = 0) so that the whole state fits one A76 core's L2. The rows
-    are read by recency (config.rows_place): on the CLI's own journey, a fact held at distance 42-48 was answered
-    wrongly, the same rows at distance 7-13 rightly; the gate's training does not depend on it."""
+    are read by recency, 16 distances back (config.rows_place, rows_gap: chosen on validation seeds, docs/memory.md);
+    the gate's training does not depend on it."""
     from cortex_edge.config import CMSConfig
 
     return CMSConfig(slots=(16,), widths=(64,), key_dim=32, event_dim=128, chunk=chunk, write_every=(1,),
                      decay=(0.05,), rows=rows, rows_from=(4 * n_layers) // 15 if rows_from is None else rows_from,
-                     rows_threshold=threshold, rows_decay=1e-3, rows_lookahead=lookahead, rows_place=place)
+                     rows_threshold=threshold, rows_decay=1e-3, rows_lookahead=lookahead, rows_place=place,
+                     rows_gap=gap)
 
 
 def save_sidecar(path: Path, gate: Gate, cms, memory_layer: int, info: dict) -> None:
