@@ -14,7 +14,7 @@ tokens' rows, not a learnt summary, and the only thing it learns is which tokens
   read, every token   layers rows_from.. attend to [sinks | rows | ring | new]: slot j's key is stored rotated
                       at P_j = S + W - 1 - (R - j), and seen from the sinks' query position, so a row sits at
                       distance R - j from every query (recent, as the measurement wants); with rows_place
-                      "recency" the views rotate it on so that the k-th newest held row sits at distance k + 1
+                      "recency" the views rotate it on so that the k-th newest held row sits at distance rows_gap + k + 1
                       (a statement's tokens in order, as if just said); a row is masked while
                       its token is still in the window (the model sees each token once, and a history that fits
                       the window computes exactly what the model alone computes)
@@ -62,7 +62,7 @@ def row_position(j: int | np.ndarray, cfg: ModelConfig) -> np.ndarray:
 
 def read_position(token: np.ndarray, cfg: ModelConfig) -> np.ndarray:
     """(R,) rotary position each slot's key is read at. rows_place "slot": where it is stored (row_position).
-    "recency": the held rows in token order, the k-th newest at distance k + 1 from the sinks' query position
+    "recency": the held rows in token order, the k-th newest at distance rows_gap + k + 1 from the sinks' query position
     (a fact's statement then reads as its own tokens, in order, just said); empty slots stay where they are."""
     R = cfg.cms.rows
     pos = row_position(np.arange(R), cfg)
