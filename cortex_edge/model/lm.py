@@ -322,7 +322,7 @@ class TorchStream:
 
     def row_keys_read(self) -> list[torch.Tensor]:
         """The row keys as the attention reads them. A slot's key is stored rotated at S + W - 1 - (R - j); with
-        rows_place "recency" the held rows are read in token order, the k-th newest at S + W - 2 - k."""
+        rows_place "recency" the held rows are read in token order, the k-th newest at S + W - 2 - rows_gap - k."""
         cfg = self.cfg
         if cfg.cms.rows_place == "slot":
             return self.row_k
