@@ -6,37 +6,32 @@ bump CONTRACT_VERSION. What this leaves out: shapes (see the table below, checke
 One graph serves decode (T = 1) and chunks (1 <= T <= C): a static T = 1 copy decoded no faster on
 SmolLM2 (measured back to back) and would hold every weight twice on disk and in RAM.
 
-Graph signature:
+Graph signature (M = runtime/ring.py Layout.capacity: [R rows | S sinks | the recent tokens]):
 
   input_ids          (1, T)            int64    new tokens
-  q_pos              (T,)              int64    RoPE position of each new token (bounded, see runtime/ring.py)
-  sink_q_pos         (T,)              int64    position each new token's query takes against the sinks
-  attn_mask          (T, P + T)        float32  additive mask over [sinks | window | new tokens]
+  q_pos              (1, T)            int64    RoPE position of each new token (bounded, see runtime/ring.py)
+  seqlens_k          (1,)              int32    total - 1, as GroupQueryAttention takes it
+  total_len          ()                int32    buffer rows in use once the new tokens are written at
+                                                total - T .. total - 1 (every layer the same)
+  attn_bias          (1, 1, T, total)  float32  additive visibility in the layers without the row level
+  row_bias           (1, 1, T, total)  float32  the same in the row level's layers (only with a row level)
   logits_from        ()                int64    first new token whose logits are computed: 0 all, T-1 the
                                                 last only (a prompt's chunks skip the lm_head for the rest)
-  past_key.{i}       (1, KV, P, hd)    float32  keys of layer i, already rotated: [sinks | window ring];
-                                                P = S + W, or fewer slots while the ring is still filling
-                                                (the runtime grows it: a short history reads a short ring)
-  past_value.{i}     (1, KV, hd, P)    float32  values of layer i, transposed (the attention streams both
-                                                caches as the left operand of a matmul: lm.py Attention)
+  past_key.{i}       (1, KV, M, hd)    float32  layer i's key buffer, keys stored rotated
+  past_value.{i}     (1, KV, M, hd)    float32  its value buffer
   mem.{l}            (N_l, d_l)        float32  CMS level l memory (dequantized stored state)
   mem_key.{l}        (N_l, d_k)        float32  CMS level l keys
-  row_key.{i}        (1, KV, R, hd)    float32  the row level's keys for layer i (i in cms.row_layers: only with
-                                                a row level), rotated at their slot's position (runtime/rows.py)
-  row_value.{i}      (1, KV, hd, R)    float32  its values, transposed like past_value
-  row_mask           (T, R)            float32  additive: a row is visible once its token has left the window
 ->
   logits             (1, T - logits_from, V) float32
-  new_key.{i}        (1, KV, T, hd)    float32  keys of the new tokens rotated at q_pos (the runtime writes the ring)
-  new_value.{i}      (1, KV, hd, T)    float32
+  present_key.{i}    (1, KV, M, hd)    float32  the buffers with the new rows written: the runtime binds past
+  present_value.{i}  (1, KV, M, hd)    float32  and present to one OrtValue, so the graph writes them in place
   write_feat         (1, T, d_z)       float32  compressed hidden state per token (the jump map's input)
 """
 
 from __future__ import annotations
 
-CONTRACT_VERSION = 3  # 2: keys cached rotated (no win_pos), sink_q_pos, logits_from; 3: values cached transposed
-# (a model with a row level adds row_key, row_value, row_mask and the rows.* write weights; without one a graph is
-# exactly what it was, so bundles of version 3 without rows still load)
+CONTRACT_VERSION = 4  # 2: keys cached rotated (no win_pos), sink_q_pos, logits_from; 3: values cached transposed
+# (+ row_key, row_value, row_mask with a row level); 4: one buffer per layer, attention as GroupQueryAttention
 BUNDLE_FORMAT = "cortex-edge-bundle"
 
 # ---- files inside a bundle
@@ -48,10 +43,11 @@ CMS_WRITE_WEIGHTS = "cms_write.safetensors"
 # ---- graph inputs
 INPUT_IDS = "input_ids"
 Q_POS = "q_pos"
-SINK_Q_POS = "sink_q_pos"
-ATTN_MASK = "attn_mask"
+SEQLENS_K = "seqlens_k"
+TOTAL_LEN = "total_len"
+ATTN_BIAS = "attn_bias"
+ROW_BIAS = "row_bias"
 LOGITS_FROM = "logits_from"
-ROW_MASK = "row_mask"
 
 
 def past_key(i: int) -> str:
@@ -70,44 +66,32 @@ def mem_key(level: int) -> str:
     return f"mem_key.{level}"
 
 
-def row_key(i: int) -> str:
-    return f"row_key.{i}"
-
-
-def row_value(i: int) -> str:
-    return f"row_value.{i}"
-
-
 # ---- graph outputs
 LOGITS = "logits"
 WRITE_FEAT = "write_feat"
 
 
-def new_key(i: int) -> str:
-    return f"new_key.{i}"
+def present_key(i: int) -> str:
+    return f"present_key.{i}"
 
 
-def new_value(i: int) -> str:
-    return f"new_value.{i}"
+def present_value(i: int) -> str:
+    return f"present_value.{i}"
 
 
-def input_names(n_layers: int, n_levels: int, row_layers=()) -> list[str]:
-    names = [INPUT_IDS, Q_POS, SINK_Q_POS, ATTN_MASK, LOGITS_FROM]
+def input_names(n_layers: int, n_levels: int, rows: bool = False) -> list[str]:
+    names = [INPUT_IDS, Q_POS, SEQLENS_K, TOTAL_LEN, ATTN_BIAS] + ([ROW_BIAS] if rows else []) + [LOGITS_FROM]
     for i in range(n_layers):
         names += [past_key(i), past_value(i)]
     for level in range(n_levels):
         names += [mem(level), mem_key(level)]
-    if len(row_layers):
-        for i in row_layers:
-            names += [row_key(i), row_value(i)]
-        names.append(ROW_MASK)
     return names
 
 
 def output_names(n_layers: int) -> list[str]:
     names = [LOGITS]
     for i in range(n_layers):
-        names += [new_key(i), new_value(i)]
+        names += [present_key(i), present_value(i)]
     return names + [WRITE_FEAT]
 
 
@@ -139,7 +123,8 @@ DEFAULT_STATE = "int8"
 
 # ---- sessions (durable chat state)
 SESSION_MAGIC = "cortex-edge-session"
-SESSION_VERSION = 3  # 2: ring keys stored rotated in the frame of runtime/ring.py; 3: values transposed
+SESSION_VERSION = 4  # 2: ring keys stored rotated in the frame of runtime/ring.py; 3: values transposed;
+# 4: the attention buffers of runtime/ring.py
 # (a model with a row level adds rows.* tensors; its bundle's fingerprint differs from any model without one)
 SESSION_SUFFIX = ".cxs"
 

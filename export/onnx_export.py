@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from cortex_edge import contract
-from cortex_edge.model.lm import CortexLM
+from cortex_edge.model.lm import CortexLM, GraphLengths
 from cortex_edge.runtime import ring
 
 OPSET = 20
@@ -37,20 +37,18 @@ class GraphModule(nn.Module):
             layer.mlp.fuse()
         self.m = m
 
-    def forward(self, input_ids, q_pos, sink_q_pos, attn_mask, logits_from, *state):
+    def forward(self, input_ids, q_pos, seqlens_k, total_len, attn_bias, *rest):
         cfg = self.m.cfg
         L, lv = cfg.n_layers, cfg.cms.levels
+        row_bias, rest = (rest[0], rest[1:]) if cfg.cms.rows else (None, rest)
+        logits_from, state = rest[0], rest[1:]
         pk, pv = list(state[0:2 * L:2]), list(state[1:2 * L:2])
         cms = state[2 * L:2 * L + 2 * lv]
         mems = [t.unsqueeze(0) for t in cms[0::2]]  # (1, N_l, d_l)
         keys = [t.unsqueeze(0) for t in cms[1::2]]
         assert len(mems) == lv
-        rows = {}
-        if cfg.cms.rows:
-            r = state[2 * L + 2 * lv:]
-            rows = {"row_keys": list(r[0:-1:2]), "row_values": list(r[1:-1:2]), "row_mask": r[-1]}
-        logits, nk, nv, feat = self.m.step(input_ids, q_pos, sink_q_pos, attn_mask, pk, pv, mems, keys,
-                                              logits_from=logits_from, **rows)
+        logits, nk, nv, feat = self.m.step(input_ids, q_pos, attn_bias, row_bias, GraphLengths(seqlens_k, total_len),
+                                           pk, pv, mems, keys, logits_from=logits_from)
         out = [logits]
         for k, v in zip(nk, nv):
             out += [k, v]
@@ -58,31 +56,32 @@ class GraphModule(nn.Module):
 
 
 def example_inputs(cfg, t: int, n_past: int, seed: int = 0, logits_from: int = 0) -> dict[str, np.ndarray]:
-    """Random but valid graph inputs (state values random, bookkeeping from ring.plan_step)."""
+    """Random but valid graph inputs (buffer values random, bookkeeping from ring.plan_step)."""
     rng = np.random.default_rng(seed)
-    plan = ring.plan_step(n_past, t, cfg.sinks, cfg.window)
+    lay = ring.Layout.of(cfg)
+    R = lay.rows
+    row_mask = np.where(rng.random((t, R)) < 0.5, 0.0, ring.NEG_INF).astype(np.float32) if R else None
+    plan = ring.plan_step(n_past, t, lay, row_mask)
     feed = {contract.INPUT_IDS: rng.integers(0, cfg.vocab_size, (1, t)).astype(np.int64),
-            contract.Q_POS: plan.q_pos, contract.SINK_Q_POS: plan.sink_q_pos, contract.ATTN_MASK: plan.attn_mask,
+            contract.Q_POS: plan.q_pos, contract.SEQLENS_K: np.array([plan.total - 1], np.int32),
+            contract.TOTAL_LEN: np.array(plan.total, np.int32), contract.ATTN_BIAS: plan.bias,
             contract.LOGITS_FROM: np.array(logits_from, np.int64)}
-    P = cfg.sinks + cfg.window
+    if R:
+        feed[contract.ROW_BIAS] = plan.row_bias
     for i in range(cfg.n_layers):
-        feed[contract.past_key(i)] = rng.standard_normal((1, cfg.n_kv_heads, P, cfg.head_dim)).astype(np.float32)
-        feed[contract.past_value(i)] = rng.standard_normal((1, cfg.n_kv_heads, cfg.head_dim, P)).astype(np.float32)
+        for name in (contract.past_key(i), contract.past_value(i)):
+            buf = rng.standard_normal((1, cfg.n_kv_heads, lay.capacity, cfg.head_dim)).astype(np.float32)
+            buf[:, :, plan.total - t:] = 0.0  # as the runtime's: nothing beyond the rows in use
+            feed[name] = buf
     for lvl, (n, d) in enumerate(zip(cfg.cms.slots, cfg.cms.widths)):
         feed[contract.mem(lvl)] = rng.standard_normal((n, d)).astype(np.float32)
         feed[contract.mem_key(lvl)] = rng.standard_normal((n, cfg.cms.key_dim)).astype(np.float32)
-    R = cfg.cms.rows
-    for i in cfg.cms.row_layers(cfg.n_layers):
-        feed[contract.row_key(i)] = rng.standard_normal((1, cfg.n_kv_heads, R, cfg.head_dim)).astype(np.float32)
-        feed[contract.row_value(i)] = rng.standard_normal((1, cfg.n_kv_heads, cfg.head_dim, R)).astype(np.float32)
-    if R:  # some rows visible, some not
-        feed[contract.ROW_MASK] = np.where(rng.random((t, R)) < 0.5, 0.0, ring.NEG_INF).astype(np.float32)
     return feed
 
 
 def run_torch(module: GraphModule, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
     cfg = module.m.cfg
-    names = contract.input_names(cfg.n_layers, cfg.cms.levels, cfg.cms.row_layers(cfg.n_layers))
+    names = contract.input_names(cfg.n_layers, cfg.cms.levels, bool(cfg.cms.rows))
     with torch.no_grad():
         outs = module(*[torch.from_numpy(feed[n]) for n in names])
     return [o.numpy() for o in outs]
@@ -92,20 +91,16 @@ def export_graph(model: CortexLM, path: Path) -> None:
     cfg = model.cfg
     module = GraphModule(model)
     t = 2  # >= 2, or the exporter freezes the size into the graph
-    feed = example_inputs(cfg, t, n_past=cfg.sinks + cfg.window + 3, logits_from=1)
-    in_names = contract.input_names(cfg.n_layers, cfg.cms.levels, cfg.cms.row_layers(cfg.n_layers))
+    feed = example_inputs(cfg, t, n_past=cfg.cms.chunk * (1 + cfg.window // cfg.cms.chunk) - t, logits_from=1)
+    in_names = contract.input_names(cfg.n_layers, cfg.cms.levels, bool(cfg.cms.rows))
     out_names = contract.output_names(cfg.n_layers)
-    dyn = {contract.INPUT_IDS: {1: "T"}, contract.Q_POS: {0: "T"}, contract.SINK_Q_POS: {0: "T"},
-           contract.ATTN_MASK: {0: "T", 1: "SWT"}, contract.LOGITS: {1: "T_out"}, contract.WRITE_FEAT: {1: "T"}}
-    for i in range(cfg.n_layers):
-        dyn[contract.new_key(i)] = {2: "T"}
-        dyn[contract.new_value(i)] = {3: "T"}
-        dyn[contract.past_key(i)] = {2: "P"}  # S + W, or fewer while the ring fills (runtime/engine.py)
-        dyn[contract.past_value(i)] = {3: "P"}
+    dyn = {contract.INPUT_IDS: {1: "T"}, contract.Q_POS: {1: "T"}, contract.ATTN_BIAS: {2: "T", 3: "total"},
+           contract.LOGITS: {1: "T_out"}, contract.WRITE_FEAT: {1: "T"}}
     if cfg.cms.rows:
-        dyn[contract.ROW_MASK] = {0: "T"}
+        dyn[contract.ROW_BIAS] = {2: "T", 3: "total"}
     args = tuple(torch.from_numpy(feed[n]) for n in in_names)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, args, str(path), input_names=in_names, output_names=out_names,
-                          dynamic_axes=dyn, opset_version=OPSET, dynamo=False, do_constant_folding=True)
+                          dynamic_axes=dyn, opset_version=OPSET, dynamo=False, do_constant_folding=True,
+                          custom_opsets={"com.microsoft": 1})

@@ -154,12 +154,11 @@ def weight_bytes(engine: Engine) -> int:
     return engine.bundle.manifest["files"][contract.GRAPH]["bytes"] - (c.vocab_size - 1) * c.dim * row
 
 
-def bytes_per_token(engine: Engine, slots: int) -> int:
-    """What a decode step reads: the weights (weight_bytes), every layer's fp32 keys and values over `slots`
-    ring slots, and the row level's fp32 keys and values in the layers that read it."""
+def bytes_per_token(engine: Engine, rows: int) -> int:
+    """What a decode step reads: the weights (weight_bytes), and every layer's fp32 keys and values over the
+    `rows` buffer rows in use (runtime/ring.py: the row level's, the sinks and the recent tokens)."""
     c = engine.cfg
-    rows = 2 * len(c.cms.row_layers(c.n_layers)) * c.n_kv_heads * c.cms.rows * c.head_dim * 4
-    return weight_bytes(engine) + 2 * c.n_layers * c.n_kv_heads * slots * c.head_dim * 4 + rows
+    return weight_bytes(engine) + 2 * c.n_layers * c.n_kv_heads * rows * c.head_dim * 4
 
 
 def run_context(engine: Engine, context: int, new_tokens: int, seed: int = 0, progress=None) -> dict:
@@ -192,7 +191,7 @@ def run_context(engine: Engine, context: int, new_tokens: int, seed: int = 0, pr
             "decode_ms_p99": float(np.percentile(ms, 99)), "decode_tokens_per_s": float(1e3 / ms.mean()),
             "rss_bytes": psutil.Process().memory_info().rss, "events": st.events,
             "state_bytes_per_level": engine.state_bytes(st),
-            "bytes_read_per_token": bytes_per_token(engine, st.keys[0].shape[2])}
+            "bytes_read_per_token": bytes_per_token(engine, st.used(engine.lay))}
 
 
 def run(engine: Engine, contexts: list[int], new_tokens: int, show_progress: bool = True,
@@ -214,8 +213,10 @@ def run(engine: Engine, contexts: list[int], new_tokens: int, show_progress: boo
             results.append(r)
     st = engine.new_state()
     levels = engine.state_bytes(st)
-    # the steady state: weights and the whole ring (a filling ring reads less: per history above)
-    per_token_bytes = bytes_per_token(engine, engine.cfg.sinks + engine.cfg.window)
+    # the steady state: weights and the buffers half way through a move of the region (ring.py; a short history
+    # reads less: per history above)
+    lay = engine.lay
+    per_token_bytes = bytes_per_token(engine, lay.rows + lay.sinks + lay.window + (lay.chunk + lay.shift) // 2)
     out = {
         "bundle": str(engine.bundle.path), "weights": engine.bundle.weights, "state": engine.bundle.state_format,
         "threads": engine.threads, "cpu": cpu_info(), "caches": caches,

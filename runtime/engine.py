@@ -2,16 +2,17 @@
 
 NumPy + onnxruntime only. One token's path:
 
-   token ─► plan (ring.py: slots, positions, mask) ─► ONNX graph ─► logits ─► sampler
-                                                        │  ▲
-                               new K/V rows ◄───────────┘  │ mem.{l}, mem_key.{l}: fp32 views of the stored state
-                               write_feat ─► acc += feat    │
+   token ─► plan (ring.py: positions, visibility) ─► ONNX graph ─► logits ─► sampler
+                                                      │  ▲
+          the K/V buffers, written in place ◄─────────┘  │ mem.{l}, mem_key.{l}: fp32 views of the stored state
+          write_feat ─► acc += feat                       │
    every C tokens: s = acc / C ─► jump map (cms.py) on decode(stored) ─► encode ─► stored ─► fresh fp32 views
+   at each chunk start: the buffers laid out for the chunk (ring.py): moved, re-rotated, sinks and rows placed
 
 State (all of it bounded, whatever the history length):
-   kv      per layer: keys (1, KV, P, hd), values (1, KV, hd, P) fp32   the attention ring with sinks (keys
-                                                          rotated, ring.py; values transposed, lm.py Attention);
-                                                          P = S + W, fewer while the ring fills (fit_ring)
+   kv      per layer: keys, values (1, KV, M, hd) fp32   [rows | sinks | recent tokens] (ring.py), keys rotated;
+                                                          bound to the graph's past and present (IO binding),
+                                                          so GroupQueryAttention writes the new rows in place
    cms     per level: memory (N_l, d_l), keys (N_l, d_k) in the bundle's state format; usage (N_l,) fp32
    acc     (d_z,) fp32   sum of write_feat over the current chunk
    n, events             tokens seen, memory events done
@@ -45,18 +46,26 @@ class StoredLevel:
 
 @dataclass
 class State:
-    keys: list[np.ndarray]
-    values: list[np.ndarray]
+    keys: list[np.ndarray]  # per layer (1, KV, M, hd): ring.py's buffer, keys rotated
+    values: list[np.ndarray]  # per layer (1, KV, M, hd)
     levels: list[StoredLevel]
     acc: np.ndarray
     n: int = 0
     events: int = 0
+    prepared: int = -1  # the chunk start the buffers are laid out for (ring.py)
+    sink_keys: np.ndarray | None = None  # (L, KV, S, hd) the sinks' keys in their own frame, once all are in
     views: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # derived fp32 (mem, keys)
     rows: rows_mod.RowState | None = None  # the row level (runtime/rows.py), when the model has one
-    row_views: tuple[list[np.ndarray], list[np.ndarray]] | None = None  # derived fp32 graph inputs
+    row_views: tuple[list[np.ndarray], list[np.ndarray]] | None = None  # derived fp32 (keys in the sinks' frame)
 
     def copy(self) -> State:
         return copy.deepcopy(self)
+
+    def used(self, lay: ring.Layout) -> int:
+        """Buffer rows holding anything: everything after them is zero."""
+        if self.n == 0:
+            return lay.rows
+        return int(lay.index(self.n - 1, max(self.prepared, 0))) + 1
 
 
 class Engine:
@@ -79,79 +88,36 @@ class Engine:
         self.write_w = load_write_weights(bundle)
         L, lv = self.cfg.n_layers, self.cfg.cms.levels
         self.row_layers = self.cfg.cms.row_layers(L)
-        self._in = contract.input_names(L, lv, self.row_layers)
+        self.lay = ring.Layout.of(self.cfg)
+        self._in = contract.input_names(L, lv, bool(self.cfg.cms.rows))
         self._out = contract.output_names(L)
         self._check_graph_shapes()
+        self._binding: tuple[list[int], ort.IOBinding, list] | None = None
 
     def _check_graph_shapes(self) -> None:
         """The graphs must take exactly the contract's inputs, with the config's fixed sizes."""
         c = self.cfg
-        want = {contract.past_key(0): [1, c.n_kv_heads, c.sinks + c.window, c.head_dim],
-                contract.past_value(0): [1, c.n_kv_heads, c.head_dim, c.sinks + c.window]}
+        M = self.lay.capacity
+        want = {contract.past_key(0): [1, c.n_kv_heads, M, c.head_dim],
+                contract.past_value(0): [1, c.n_kv_heads, M, c.head_dim]}
         for lvl, (n, d) in enumerate(zip(c.cms.slots, c.cms.widths)):
             want[contract.mem(lvl)] = [n, d]
             want[contract.mem_key(lvl)] = [n, c.cms.key_dim]
-        for i in self.row_layers:
-            want[contract.row_key(i)] = [1, c.n_kv_heads, c.cms.rows, c.head_dim]
-            want[contract.row_value(i)] = [1, c.n_kv_heads, c.head_dim, c.cms.rows]
         got = {i.name: i.shape for i in self.sess.get_inputs()}
         if set(got) != set(self._in) or [o.name for o in self.sess.get_outputs()] != self._out:
-            raise BundleError("bundle graph does not have the contract's inputs and outputs")
-        # graphs that take fewer ring slots than S + W (a symbolic length) let a short history read a short ring
-        self.grows = not isinstance(got[contract.past_key(0)][2], int)
-        if self.grows:
-            got[contract.past_key(0)] = [*got[contract.past_key(0)][:2], c.sinks + c.window, got[contract.past_key(0)][3]]
-            got[contract.past_value(0)] = [*got[contract.past_value(0)][:3], c.sinks + c.window]
+            raise BundleError("bundle graph does not have the contract's inputs and outputs "
+                              f"(contract version {contract.CONTRACT_VERSION}: export the bundle again)")
         for name, shape in want.items():
             if list(got[name]) != shape:
                 raise BundleError(f"bundle graph input {name} has shape {got[name]}, the config says {shape}")
 
     # ------------------------------------------------------------------ state
-    def ring_slots(self, n: int) -> int:
-        """Cache slots (sinks + ring) the attention reads once n tokens are in: S + W in the steady state;
-        while the ring is still filling (graphs with a symbolic length), the slots in use rounded up to W/8,
-        so that a 512-token history reads 644 of SmolLM2's 1,028 slots and the arrays grow 8 times at most."""
-        c = self.cfg
-        full = c.sinks + c.window
-        if not self.grows:
-            return full
-        step = max(1, c.window // RING_GROWTH)
-        return min(full, c.sinks + step * max(1, -(-(n - c.sinks) // step)))
-
-    def fit_ring(self, st: State, n: int | None = None) -> None:
-        """Make st's K/V arrays ring_slots(n) long (n: tokens that will be in; default st.n).
-
-        Each array is a view of the first KV * slots * hd floats of one S + W buffer, so growing moves the
-        heads apart in place (slots fill in order: the kept ones are a prefix) and never frees or allocates:
-        pages are touched, hence resident, only as the ring fills, and no freed blocks are left to the
-        allocator (re-allocating at each growth left SmolLM2 ~50 MB of RSS that was never given back)."""
-        want = self.ring_slots(st.n if n is None else n)
-        have = st.keys[0].shape[2]
-        if want == have:
-            return
-        if want < have and any(np.any(k[:, :, want:]) for k in st.keys):
-            raise ValueError("the ring holds tokens beyond the slots in use")  # a corrupt state, never a user's
-        full = self.cfg.sinks + self.cfg.window
-        st.keys = [_regrow(a, want, full, axis=2) for a in st.keys]
-        st.values = [_regrow(a, want, full, axis=3) for a in st.values]
-
-    def full_ring(self, st: State) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """st's keys and values padded to S + W slots (sessions store them so, whatever the graph)."""
-        full = self.cfg.sinks + self.cfg.window
-        more = full - st.keys[0].shape[2]
-        if not more:  # the steady state: nothing to pad, no 2 x 47 MB copy per save
-            return st.keys, st.values
-        return ([np.pad(k, [(0, 0), (0, 0), (0, more), (0, 0)]) for k in st.keys],
-                [np.pad(v, [(0, 0), (0, 0), (0, 0), (0, more)]) for v in st.values])
-
     def new_state(self) -> State:
         c = self.cfg
-        P, full = self.ring_slots(0), c.sinks + c.window
+        shape = (1, c.n_kv_heads, self.lay.capacity, c.head_dim)  # zeros: pages become resident as they fill
         levels = [self._store(lv) for lv in cms.empty_levels(c.cms)]
-        no_k = np.zeros((1, c.n_kv_heads, 0, c.head_dim), np.float32)
-        no_v = np.zeros((1, c.n_kv_heads, c.head_dim, 0), np.float32)
-        st = State(keys=[_regrow(no_k, P, full, axis=2) for _ in range(c.n_layers)],
-                   values=[_regrow(no_v, P, full, axis=3) for _ in range(c.n_layers)],
+        st = State(keys=[np.zeros(shape, np.float32) for _ in range(c.n_layers)],
+                   values=[np.zeros(shape, np.float32) for _ in range(c.n_layers)],
                    levels=levels, acc=np.zeros(c.cms.event_dim, np.float32))
         if c.cms.rows:
             st.rows = rows_mod.empty(c, self.state_format)
@@ -185,43 +151,90 @@ class Engine:
                        + r.pending.nbytes)
         return out
 
+    def prepare(self, st: State, memory: bool = True) -> None:
+        """Lay st's buffers out for the chunk its next token is in (ring.py), in place: move the recent tokens
+        when the region's base moves, rotate them when the frame moves, and write the sinks and the rows rotated
+        into the chunk's frame. Once per chunk (pieces never cross one); the torch reference is
+        TorchStream.prepare. memory=False: the rows are left out (sidecar off)."""
+        c, lay = self.cfg, self.lay
+        S, R = c.sinks, lay.rows
+        c0 = ring.chunk_start(st.n, lay.chunk)
+        if st.prepared == c0:
+            return
+        old = max(st.prepared, 0)
+        d_base, d_frame = lay.base(c0) - lay.base(old), lay.frame(c0) - lay.frame(old)
+        used = st.used(lay)
+        for k, v in zip(st.keys, st.values):
+            if d_base:  # the oldest d_base tokens of the region are out of every coming query's window
+                for a in (k, v):
+                    a[:, :, R + S:used - d_base] = a[:, :, R + S + d_base:used]
+                    a[:, :, used - d_base:used] = 0.0
+            if d_frame:
+                k[:, :, R + S:used - d_base] = ring.rotate(k[:, :, R + S:used - d_base], -d_frame, c.rope_theta,
+                                                           c.rope_freq_divisors)
+        if st.sink_keys is None and c0 >= S:  # every sink is in, written at its own position (delta was 0)
+            st.sink_keys = np.stack([k[0, :, R:R + S] for k in st.keys])
+        delta = lay.sink_delta(c0)
+        if st.sink_keys is not None and S:
+            sinks = ring.rotate(st.sink_keys, delta, c.rope_theta, c.rope_freq_divisors)
+            for i, k in enumerate(st.keys):
+                k[0, :, R:R + S] = sinks[i]
+        if R and len(self.row_layers):
+            rk, rv = st.row_views if memory else self._empty_row_views()
+            for j, i in enumerate(self.row_layers):
+                st.keys[i][0, :, :R] = ring.rotate(rk[j], delta, c.rope_theta, c.rope_freq_divisors)
+                st.values[i][0, :, :R] = rv[j]
+        st.prepared = c0
+
     # ------------------------------------------------------------------ stepping
+    def _bind(self, st: State) -> tuple[ort.IOBinding, list]:
+        """One IO binding per state: each layer's past and present bound to the same OrtValue over st's arrays
+        (onnxruntime then writes the new rows into them in place; an OrtValue made from a NumPy array shares its
+        memory). Made again only when the arrays change (another state, a copy)."""
+        ids = [id(a) for a in st.keys + st.values]
+        if self._binding is None or self._binding[0] != ids:
+            b = self.sess.io_binding()
+            b.bind_output(contract.LOGITS)  # first: get_outputs() lists outputs in the order they were bound
+            b.bind_output(contract.WRITE_FEAT)
+            for i, (k, v) in enumerate(zip(st.keys, st.values)):
+                for past, present, a in ((contract.past_key(i), contract.present_key(i), k),
+                                         (contract.past_value(i), contract.present_value(i), v)):
+                    ov = ort.OrtValue.ortvalue_from_numpy(a)
+                    b.bind_ortvalue_input(past, ov)
+                    b.bind_ortvalue_output(present, ov)
+            self._binding = (ids, b, st.keys + st.values)  # the arrays held: their ids stay theirs
+        return self._binding[1], self._binding[2]
+
     def _piece(self, st: State, ids: np.ndarray, memory: bool = True, all_logits: bool = True) -> np.ndarray:
         """ids (T,) within one chunk -> logits (T, V), or (1, V) of the last token; updates st.
         memory=False: sidecar off (reads see an empty memory, no writes), for ablations."""
         c = self.cfg
         T = int(ids.shape[0])
-        plan = ring.plan_step(st.n, T, c.sinks, c.window)
-        self.fit_ring(st, st.n + T)
-        P, full = st.keys[0].shape[2], c.sinks + c.window
-        mask = plan.attn_mask if P == full else np.ascontiguousarray(  # slots P.. hold nothing yet: masked anyway
-            np.concatenate([plan.attn_mask[:, :P], plan.attn_mask[:, full:]], axis=1))
+        self.prepare(st, memory)
+        row_mask = None
+        if st.rows is not None:
+            a = st.n + np.arange(T, dtype=np.int64)
+            row_mask = rows_mod.mask(st.rows.token if memory else self._no_tokens(), a, c.window)
+        plan = ring.plan_step(st.n, T, self.lay, row_mask)
+        b, _ = self._bind(st)
         feed = {contract.INPUT_IDS: ids.reshape(1, T).astype(np.int64), contract.Q_POS: plan.q_pos,
-                contract.SINK_Q_POS: plan.sink_q_pos, contract.ATTN_MASK: mask,
+                contract.SEQLENS_K: np.array([plan.total - 1], np.int32),
+                contract.TOTAL_LEN: np.array(plan.total, np.int32), contract.ATTN_BIAS: plan.bias,
                 contract.LOGITS_FROM: np.array(0 if all_logits else T - 1, np.int64)}
-        for i in range(c.n_layers):
-            feed[contract.past_key(i)] = st.keys[i]
-            feed[contract.past_value(i)] = st.values[i]
+        if plan.row_bias is not None:
+            feed[contract.ROW_BIAS] = plan.row_bias
         views = st.views if memory else self._empty_views()
         for lvl, (m, k) in enumerate(views):
             feed[contract.mem(lvl)] = m
             feed[contract.mem_key(lvl)] = k
-        if st.rows is not None:
-            rk, rv = st.row_views if memory else self._empty_row_views()
-            for j, i in enumerate(self.row_layers):
-                feed[contract.row_key(i)] = rk[j]
-                feed[contract.row_value(i)] = rv[j]
-            a = st.n + np.arange(T, dtype=np.int64)
-            feed[contract.ROW_MASK] = rows_mod.mask(st.rows.token if memory else self._no_tokens, a, c.window)
-        outs = self.sess.run(self._out, feed)
-        for i in range(c.n_layers):
-            st.keys[i][:, :, plan.slots, :] = outs[1 + 2 * i]
-            st.values[i][:, :, :, plan.slots] = outs[2 + 2 * i]
-        shift = ring.frame_shift(st.n, st.n + T, c.sinks, c.window)
-        if shift:  # the ring's rotary frame moved (once per W tokens): rotate its keys back by as much
-            for k in st.keys:
-                k[:, :, c.sinks:] = ring.rotate(k[:, :, c.sinks:], -shift, c.rope_theta, c.rope_freq_divisors)
-        feat = outs[-1][0]  # (T, d_z)
+        for name, x in feed.items():
+            b.bind_cpu_input(name, x)
+        b.bind_output(contract.LOGITS)  # shapes vary with T: onnxruntime allocates them each step
+        b.bind_output(contract.WRITE_FEAT)
+        self.sess.run_with_iobinding(b)
+        outs = b.get_outputs()
+        logits = outs[0].numpy()[0]
+        feat = outs[1].numpy()[0]  # (T, d_z)
         for t in range(T):  # token by token: the same summation order whatever the piece size
             st.acc += feat[t]
         if st.rows is not None and memory:
@@ -233,7 +246,7 @@ class Engine:
                 self.memory_event(st)
             else:
                 st.acc = np.zeros_like(st.acc)
-        return outs[0][0]
+        return logits
 
     def memory_event(self, st: State) -> dict:
         c = self.cfg.cms
@@ -253,11 +266,12 @@ class Engine:
     def _empty_row_views(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
         if not hasattr(self, "_zero_rows"):
             c = self.cfg
-            R = c.cms.rows
-            self._zero_rows = ([np.zeros((1, c.n_kv_heads, R, c.head_dim), np.float32) for _ in self.row_layers],
-                               [np.zeros((1, c.n_kv_heads, c.head_dim, R), np.float32) for _ in self.row_layers])
-            self._no_tokens = np.full(R, -1, np.int64)
+            z = np.zeros((c.n_kv_heads, c.cms.rows, c.head_dim), np.float32)
+            self._zero_rows = ([z for _ in self.row_layers], [z for _ in self.row_layers])
         return self._zero_rows
+
+    def _no_tokens(self) -> np.ndarray:
+        return np.full(self.cfg.cms.rows, -1, np.int64)
 
     def _empty_views(self) -> list[tuple[np.ndarray, np.ndarray]]:
         if not hasattr(self, "_zeros"):
@@ -283,33 +297,6 @@ class Engine:
                 if all_logits:
                     out.append(logits)
         return np.concatenate(out, axis=0) if all_logits else logits[-1]
-
-
-RING_GROWTH = 8  # a filling ring grows by W / 8 slots at a time
-
-
-def _regrow(a: np.ndarray, want: int, full: int, axis: int) -> np.ndarray:
-    """a, `have` slots long on `axis` (keys: 2 of (1, KV, P, hd); values: 3 of (1, KV, hd, P)) -> `want` slots
-    long, the first `have` slots kept, new ones zero: in place when a is a view of a full-size buffer
-    (fit_ring), else into a new one. In place, the rows before `axis` (KV heads of keys, KV * hd rows of
-    values) move to their new offsets through a copy of the slots in use."""
-    shape, have = a.shape, a.shape[axis]
-    rows, inner = int(np.prod(shape[:axis])), int(np.prod(shape[axis + 1:]))
-    new_shape = (*shape[:axis], want, *shape[axis + 1:])
-    base = a.base
-    if base is None or base.ndim != 1 or base.size != rows * full * inner or base.dtype != np.float32 \
-            or a.ctypes.data != base.ctypes.data:
-        base = np.zeros(rows * full * inner, np.float32)
-        out = base[:rows * want * inner].reshape(new_shape)
-        m = min(want, have)
-        np.moveaxis(out, axis, 0)[:m] = np.moveaxis(a, axis, 0)[:m]
-        return out
-    keep = min(want, have) * inner
-    kept = base[:rows * have * inner].reshape(rows, have * inner)[:, :keep].copy()  # one array's slots in use
-    out = base[:rows * want * inner].reshape(rows, want * inner)
-    out[:, :keep] = kept
-    out[:, keep:] = 0.0
-    return out.reshape(new_shape)
 
 
 def default_threads(threads: int | None = None) -> int:

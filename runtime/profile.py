@@ -3,11 +3,11 @@
 `cortex-edge bench BUNDLE --profile` runs a history of `context` random tokens, then `tokens` greedy decode
 steps, and splits each step's wall time into
 
-  onnxruntime    Engine.sess.run (the graph: every matmul, attention over the ring, the memory read)
-  plan           ring.plan_step (positions and the attention mask)
+  onnxruntime    the graph's run (every matmul, the attention over the buffers, the memory read)
+  plan           ring.plan_step (positions and the attention bias)
   jump map       Engine.memory_event (decode the stored state, step the CMS, encode it; every C tokens)
   sampling       argmax over the logits
-  python rest    the feed dict, writing the new K/V rows into the ring, the write-feature sum
+  python rest    binding the inputs, the chunk starts' buffer moves, the write-feature sum
 
 and, from onnxruntime's own profiler over the same steps in a second session, the graph's time per operator
 type (MatMulNBits, MatMulInteger, Softmax, ...). NumPy + onnxruntime only; nothing here is asserted in tests.
@@ -51,7 +51,10 @@ class _Timed:
 class _TimedSession:
     def __init__(self, sess):
         self.sess = sess
-        self.run = _Timed(sess.run)
+        self.run = self.run_with_iobinding = _Timed(sess.run_with_iobinding)
+
+    def __getattr__(self, name):
+        return getattr(self.sess, name)
 
 
 def _history(engine: Engine, context: int, seed: int):
@@ -98,6 +101,7 @@ def operators(bundle: Bundle, threads: int, context: int, tokens: int, seed: int
         opts.enable_profiling = True
         opts.profile_file_prefix = os.path.join(tmp, "ort")
         engine.sess = ort.InferenceSession(str(bundle.file(contract.GRAPH)), opts, providers=["CPUExecutionProvider"])
+        engine._binding = None  # bound to the new session at the next step
         for _ in range(WARMUP + tokens):
             tok = int(np.argmax(engine.feed(st, [tok])))
         with open(engine.sess.end_profiling(), encoding="utf-8") as f:

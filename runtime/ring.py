@@ -1,25 +1,38 @@
-"""Bounded attention state: S sink slots + a ring of the last W tokens (StreamingLLM), in NumPy.
+"""Bounded attention state: one buffer per layer holding [R rows | S sinks | the recent tokens], in NumPy.
 
-This module does the bookkeeping: for the next T tokens of a stream that has already seen `n_past`
-tokens it says where their keys go, which cached slots each new token may attend to, and the RoPE
-positions to use; and it re-rotates the ring when its rotary frame moves. The graph (and the torch
-reference) does the attention with them.
+This module does the bookkeeping: for the next T tokens of a stream that has already seen `n_past` tokens it
+says where their keys go, which buffer rows each new token may attend to, and the RoPE positions to use. The
+graph's attention (onnxruntime's GroupQueryAttention, and the torch reference) writes the new keys and values
+into the buffer in place and attends over its first `total` rows; the runtime moves the buffer's contents
+only at chunk starts (prepare_chunk below).
 
-Keys are cached already rotated, so a decode step reads each cached key once and rotates none
-(rotating the whole ring at every step cost SmolLM2 more memory traffic than its weights). Positions
-stay bounded however long the stream runs: window keys are rotated in a frame f that moves by W
-every W tokens once the window is full,
+Buffer layout (per layer), the same in every layer:
 
-  f(n) = W * floor(max(0, n - (S + W - 1)) / W)          frame after n tokens
-  token a, seen or stored          rotary position a - f(n_past)       (window distances a - b exact)
-  on a frame move f -> f'          every ring key is rotated by f - f'  (once per W tokens)
-  sink s                           stored at position s, never moved; a query at a reads the sinks as
-                                   if it sat at min(a, S + W - 1): sink distance min(a - s, S + W - 1 - s)
-                                   (true until the window fills, then as if the sinks sat just before it)
-  largest position used            S + 2W + T - 3
+  index   0 .. R-1        the row level's rows (runtime/rows.py; masked in layers without rows)
+          R .. R+S-1      the sinks: token a < S at R + a
+          R+S ..          the linear region: token a >= S at R + S + (a - S - base), base a multiple of D
+  length  R + S + W + C + D - 2 (`Layout.capacity`): at a chunk start c0 the region holds every token a query
+          of the chunk can see (a - b < W) and the chunk itself
 
-Cache layout (per layer):   [ sink 0 .. sink S-1 | ring slot 0 .. ring slot W-1 ]
-token a lives in slot a if a < S, else S + (a - S) mod W.
+GroupQueryAttention writes the T new tokens at rows total - T .. total - 1 and reads rows 0 .. total - 1, so the
+new tokens always extend the region; visibility (the window of exactly W, causality in a chunk, the sinks, the
+rows) is an additive bias.
+
+Positions. Keys are stored rotated, so a decode step reads each key once and rotates none. Window keys are
+rotated in a frame fr that moves by W at chunk starts, keeping positions bounded however long the stream runs:
+
+  base(c0) = D * floor(max(0, c0 - W + 1 - S) / D)     first region token's offset, for the chunk at c0
+  fr(c0)   = W * floor(base(c0) / W)                     rotary frame
+  token a of the chunk at c0       rotary position a - fr(c0)   (window distances a - b exact)
+  on a frame move fr -> fr'        the region's keys are rotated by fr - fr' (once per W tokens)
+  sinks and rows                   rotated so that, at the chunk's first token, sink s sits S + W - 1 - s back
+                                   (s back while the window fills) and the rows where rows.read_position
+                                   puts them; later tokens of the chunk see them up to C - 1 farther
+                                   (sink_delta: the rotation from the sinks' own frame)
+  largest position used            S + W + C + D - 3 + W (`max_position`)
+
+Chunks (C tokens, the memory's write period) are also the unit of everything that moves: pieces never cross
+a chunk, so feeding a chunk whole or token by token gives the same positions, masks and state.
 What this leaves out: the tensors themselves (runtime/engine.py owns them).
 """
 
@@ -33,74 +46,76 @@ NEG_INF = np.float32(-1e9)  # additive mask value; exp() of it is exactly 0 in f
 
 
 @dataclass(frozen=True)
+class Layout:
+    rows: int  # R: the row level's slots (0 without one)
+    sinks: int  # S
+    window: int  # W
+    chunk: int  # C: the memory's write period; pieces never cross a chunk
+    shift: int  # D: the region moves by D rows at a time
+
+    @classmethod
+    def of(cls, cfg) -> Layout:
+        """The layout of a ModelConfig: D = min(W, 4C) (a move of ~W rows every D tokens: 4C keeps the buffer
+        within ~25 % of W beyond the window on SmolLM2, and moves 16 times per 1,024 tokens)."""
+        return cls(cfg.cms.rows, cfg.sinks, cfg.window, cfg.cms.chunk, min(cfg.window, 4 * cfg.cms.chunk))
+
+    @property
+    def capacity(self) -> int:
+        return self.rows + self.sinks + self.window + self.chunk + self.shift - 2
+
+    def base(self, c0: int) -> int:
+        return self.shift * (max(0, c0 - self.window + 1 - self.sinks) // self.shift)
+
+    def frame(self, c0: int) -> int:
+        return self.window * (self.base(c0) // self.window)
+
+    def index(self, a, c0: int) -> np.ndarray:
+        """Buffer row of token a (a in the chunk at c0 or before it and still held)."""
+        a = np.asarray(a, dtype=np.int64)
+        return np.where(a < self.sinks, self.rows + a, self.rows + a - self.base(c0))
+
+    def sink_delta(self, c0: int) -> int:
+        """Rotation from the sinks' own frame (sink s at position s, the query at min(c0, S + W - 1)) to the
+        frame of the chunk at c0: the sinks and rows are stored rotated by this in the buffer."""
+        return c0 - self.frame(c0) - min(c0, self.sinks + self.window - 1)
+
+    @property
+    def max_position(self) -> int:
+        """The largest rotary position a new token takes (the graph's RoPE tables stop here)."""
+        return self.sinks + 2 * self.window + self.chunk + self.shift - 3
+
+
+def chunk_start(n: int, chunk: int) -> int:
+    return n - n % chunk
+
+
+@dataclass(frozen=True)
 class StepPlan:
-    q_pos: np.ndarray  # (T,) int64: rotary position of each new token (queries and the keys it stores)
-    sink_q_pos: np.ndarray  # (T,) int64: position each new token's query takes against the sinks
-    attn_mask: np.ndarray  # (T, S + W + T) float32
-    slots: np.ndarray  # (T,) int64: cache slot each new token's key/value is written to
+    q_pos: np.ndarray  # (1, T) int64: rotary position of each new token (queries and the keys it stores)
+    total: int  # buffer rows in use once the new tokens are written (they go to total - T .. total - 1)
+    bias: np.ndarray  # (1, 1, T, total) float32: additive, rows masked (layers without the row level)
+    row_bias: np.ndarray | None  # (1, 1, T, total) float32: the same with the row level's visibility, or None
 
 
-def slot_of(a: np.ndarray | int, sinks: int, window: int) -> np.ndarray:
-    a = np.asarray(a, dtype=np.int64)
-    return np.where(a < sinks, a, sinks + (a - sinks) % window)
-
-
-def frame(n: int, sinks: int, window: int) -> int:
-    """Rotary frame of the ring's keys after n tokens (see the module docstring)."""
-    return max(0, n - (sinks + window - 1)) // window * window
-
-
-def max_position(sinks: int, window: int) -> int:
-    """The largest rotary position any step uses: S + 2W + T - 3 (module docstring) with T <= W (plan_step).
-    The exported graph's RoPE tables stop here (lm.py ropes_at)."""
-    return sinks + 3 * window - 3
-
-
-def plan_step(n_past: int, t: int, sinks: int, window: int) -> StepPlan:
-    if t < 1 or t > window:
-        raise ValueError(f"a step takes 1..{window} tokens, got {t}")
-    if t == 1 and n_past >= sinks:
-        return _decode_plan(n_past, sinks, window)
-    return _plan(n_past, t, sinks, window)
-
-
-def _decode_plan(n: int, sinks: int, window: int) -> StepPlan:
-    """plan_step(n, 1) once the sinks are in: every sink visible; every ring slot holding a token visible
-    but the one the new token is about to replace (it holds token n - W, just out of reach), or, while the
-    ring fills, the slots from the new token's on hold nothing. What _plan computes, in a few NumPy calls
-    instead of ~20 over W-long arrays (SmolLM2, decode after the graph has flushed the caches: 0.11 ->
-    0.02 ms a token)."""
-    m = n - sinks  # ring tokens seen
-    mask = np.zeros((1, sinks + window + 1), dtype=np.float32)
-    if m < window:
-        mask[0, sinks + m:sinks + window] = NEG_INF
-    else:
-        mask[0, sinks + m % window] = NEG_INF
-    return StepPlan(q_pos=np.array([n - frame(n, sinks, window)], np.int64),
-                    sink_q_pos=np.array([min(n, sinks + window - 1)], np.int64), attn_mask=mask,
-                    slots=np.array([sinks + m % window], np.int64))
-
-
-def _plan(n_past: int, t: int, sinks: int, window: int) -> StepPlan:
-    S, W = sinks, window
+def plan_step(n_past: int, t: int, lay: Layout, row_mask: np.ndarray | None = None) -> StepPlan:
+    """The next t tokens (within one chunk). row_mask (t, R): the row level's visibility (rows.mask), or None."""
+    S, W, C, R = lay.sinks, lay.window, lay.chunk, lay.rows
+    if t < 1 or (n_past % C) + t > C:
+        raise ValueError(f"a step takes 1..{C - n_past % C} tokens at {n_past}, got {t}")
+    c0 = chunk_start(n_past, C)
     a = n_past + np.arange(t, dtype=np.int64)  # (T,) absolute index of each new token
-    q_pos = a - frame(n_past, S, W)
-    sink_q_pos = np.minimum(a, S + W - 1)
-
-    # the token held by each ring slot j: the latest b >= S with (b - S) % W == j and b < n_past
-    m = n_past - S  # window tokens seen so far
-    j = np.arange(W, dtype=np.int64)
-    held = m - 1 - j >= 0
-    b = S + j + W * np.floor_divide(np.maximum(m - 1 - j, 0), W)  # (W,)
-
-    mask = np.full((t, S + W + t), NEG_INF, dtype=np.float32)
-    mask[:, :S][:, np.arange(S) < n_past] = 0.0  # (T, S) a sink is visible once it exists
-    win_ok = held[None, :] & (a[:, None] - b[None, :] < W)  # (T, W)
-    mask[:, S:S + W][win_ok] = 0.0
-    u = np.arange(t)
-    new_ok = (u[None, :] <= u[:, None]) & ((a[None, :] < S) | (a[:, None] - a[None, :] < W))  # (T, T)
-    mask[:, S + W:][new_ok] = 0.0
-    return StepPlan(q_pos=q_pos, sink_q_pos=sink_q_pos, attn_mask=mask, slots=slot_of(a, S, W))
+    total = int(lay.index(n_past + t - 1, c0)) + 1
+    bias = np.full((1, 1, t, total), NEG_INF, dtype=np.float32)
+    b_idx = np.arange(R, total)  # buffer rows of the sinks and the region
+    base = lay.base(c0)
+    b = np.where(b_idx < R + S, b_idx - R, b_idx - R + base)  # (total - R,) token held by each row
+    ok = (b[None, :] <= a[:, None]) & ((b[None, :] < S) | (a[:, None] - b[None, :] < W))
+    bias[0, 0, :, R:][ok] = 0.0
+    row_bias = None
+    if row_mask is not None:
+        row_bias = bias.copy()
+        row_bias[0, 0, :, :R] = row_mask
+    return StepPlan(q_pos=(a - lay.frame(c0))[None], total=total, bias=bias, row_bias=row_bias)
 
 
 def rope_angles(delta: int, head_dim: int, theta: float, divisors: tuple = ()) -> tuple[np.ndarray, np.ndarray]:
@@ -121,13 +136,8 @@ def rotate(x: np.ndarray, delta: int, theta: float, divisors: tuple = ()) -> np.
     return (x * cos + rot * sin).astype(x.dtype)
 
 
-def frame_shift(n_before: int, n_after: int, sinks: int, window: int) -> int:
-    """How far the frame moved while the stream went from n_before to n_after tokens (0 mostly)."""
-    return frame(n_after, sinks, window) - frame(n_before, sinks, window)
-
-
 def split_pieces(n_past: int, n_new: int, chunk: int) -> list[int]:
-    """Piece lengths for feeding n_new tokens so that no piece crosses a memory-event boundary."""
+    """Piece lengths for feeding n_new tokens so that no piece crosses a chunk boundary."""
     pieces = []
     pos = n_past
     left = n_new

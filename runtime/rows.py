@@ -98,7 +98,8 @@ def empty(cfg: ModelConfig, fmt: str) -> RowState:
 
 
 def views(rs: RowState, cfg: ModelConfig, fmt: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """fp32 graph inputs: per row layer keys (1, KV, R, hd) and values (1, KV, hd, R)."""
+    """fp32, per row layer: keys (KV, R, hd) rotated where they are read, in the sinks' own frame (the engine
+    rotates them on into each chunk's frame), and values (KV, R, hd)."""
     c = cfg.cms
     lr, KV, hd = len(c.row_layers(cfg.n_layers)), cfg.n_kv_heads, cfg.head_dim
     k = state_codec.decode(rs.keys, fmt).reshape(c.rows, lr, KV, hd)
@@ -108,8 +109,8 @@ def views(rs: RowState, cfg: ModelConfig, fmt: str) -> tuple[list[np.ndarray], l
         k = k.copy()
         for j in np.flatnonzero(move):
             k[j] = ring.rotate(k[j], int(move[j]), cfg.rope_theta, cfg.rope_freq_divisors)
-    return ([np.ascontiguousarray(k[:, i].transpose(1, 0, 2)[None]) for i in range(lr)],
-            [np.ascontiguousarray(v[:, i].transpose(1, 2, 0)[None]) for i in range(lr)])
+    return ([np.ascontiguousarray(k[:, i].transpose(1, 0, 2)) for i in range(lr)],
+            [np.ascontiguousarray(v[:, i].transpose(1, 0, 2)) for i in range(lr)])
 
 
 def _set_slot(enc: dict[str, np.ndarray], j: int, rows: np.ndarray, fmt: str) -> None:
@@ -120,15 +121,17 @@ def _set_slot(enc: dict[str, np.ndarray], j: int, rows: np.ndarray, fmt: str) ->
         enc[key][j * n:(j + 1) * n] = a
 
 
-def event(rs: RowState, ring_keys: list[np.ndarray], ring_values: list[np.ndarray], n: int, cfg: ModelConfig,
+def event(rs: RowState, buf_keys: list[np.ndarray], buf_values: list[np.ndarray], n: int, cfg: ModelConfig,
           fmt: str) -> list[tuple[int, int, float]]:
     """At the event that ends the chunk before token n: commit the chunk before it, its tokens whose gate or one of
-    the next L tokens' gates passes tau taking the weakest slots. ring_keys[i] (1, KV, P, hd), rotated in the
-    ring's frame after n tokens; ring_values[i] (1, KV, hd, P). Returns the writes (token, slot, strength)."""
+    the next L tokens' gates passes tau taking the weakest slots. buf_keys[i], buf_values[i] (1, KV, M, hd): every
+    layer's buffer as the chunk that just ended left it (ring.py), keys rotated in its frame. Returns the writes
+    (token, slot, strength)."""
     c = cfg.cms
-    S, W, C, L = cfg.sinks, cfg.window, c.chunk, c.rows_lookahead
+    S, C, L = cfg.sinks, c.chunk, c.rows_lookahead
     layers = list(c.row_layers(cfg.n_layers))
-    f = ring.frame(n, S, W)
+    lay = ring.Layout.of(cfg)
+    f = lay.frame(n - C)
     writes = []
     for t in range(C):
         a = n - 2 * C + t
@@ -138,11 +141,11 @@ def event(rs: RowState, ring_keys: list[np.ndarray], ring_values: list[np.ndarra
         j = int(np.argmin(rs.usage))
         if not rs.usage[j] < g:
             continue
-        slot = int(ring.slot_of(a, S, W))
+        slot = int(lay.index(a, n - C))
         delta = int(row_position(j, cfg)) - (a - f)
-        k = np.stack([ring.rotate(ring_keys[i][0, :, slot, :], delta, cfg.rope_theta, cfg.rope_freq_divisors)
+        k = np.stack([ring.rotate(buf_keys[i][0, :, slot, :], delta, cfg.rope_theta, cfg.rope_freq_divisors)
                       for i in layers])  # (Lr, KV, hd)
-        v = np.stack([ring_values[i][0, :, :, slot] for i in layers])  # (Lr, KV, hd)
+        v = np.stack([buf_values[i][0, :, slot] for i in layers])  # (Lr, KV, hd)
         _set_slot(rs.keys, j, k.reshape(-1, cfg.head_dim), fmt)
         _set_slot(rs.values, j, v.reshape(-1, cfg.head_dim), fmt)
         rs.usage *= np.float32(1.0 - c.rows_decay)

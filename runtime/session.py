@@ -30,6 +30,7 @@ import numpy as np
 from cortex_edge import contract
 from cortex_edge.runtime.engine import Engine, State, StoredLevel
 from cortex_edge.runtime.errors import SessionError
+from cortex_edge.runtime.ring import chunk_start
 from cortex_edge.runtime.rows import RowState
 
 LOCK_WAIT_S = 600.0  # how long a second process waits for a session that another one holds
@@ -54,9 +55,12 @@ def session_path(name: str) -> Path:
 
 def _tensors(st: State, engine: Engine) -> dict[str, np.ndarray]:
     t: dict[str, np.ndarray] = {"acc": st.acc}
-    for i, (k, v) in enumerate(zip(*engine.full_ring(st))):  # S + W slots on disk, however far the ring filled
+    for i, (k, v) in enumerate(zip(st.keys, st.values)):  # the whole buffers (runtime/ring.py)
         t[f"kv.{i}.key"] = k
         t[f"kv.{i}.value"] = v
+    c = engine.cfg
+    t["sinks"] = st.sink_keys if st.sink_keys is not None else np.zeros(
+        (c.n_layers, c.n_kv_heads, c.sinks, c.head_dim), np.float32)
     for lvl, s in enumerate(st.levels):
         for part, enc in (("mem", s.mem), ("keys", s.keys)):
             for k, a in enc.items():
@@ -206,10 +210,11 @@ def _parse(data: bytes, engine: Engine, expect: dict[str, np.ndarray]) -> tuple[
                            usage=np.array(t["rows.usage"]), token=token, pending=np.array(t["rows.pending"]))
     st.keys = [np.array(a) for a in st.keys]  # writable copies
     st.values = [np.array(a) for a in st.values]
-    try:
-        engine.fit_ring(st)  # as many slots as this graph reads after n tokens
-    except ValueError:
-        raise SessionError("session file ring holds tokens its counters say it has not seen") from None
+    st.prepared = chunk_start(n - 1, chunk) if n else -1  # the layout the last piece ran in (ring.py)
+    st.sink_keys = np.array(t["sinks"]) if st.prepared >= cfg.sinks else None
+    used = st.used(engine.lay)
+    if any(np.any(a[:, :, used:]) for a in st.keys + st.values):
+        raise SessionError("session file buffers hold tokens its counters say it has not seen")
     engine.refresh_views(st)
     return st, extra
 

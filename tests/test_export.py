@@ -32,8 +32,10 @@ def test_graphs_fresh_random_inputs(tiny, bundle_fp32):
     cfg = model.cfg
     module = GraphModule(model)
     sess = ort.InferenceSession(str(bundle_fp32 / contract.GRAPH), providers=["CPUExecutionProvider"])
-    for t in (1, cfg.cms.chunk, 5):
+    C = cfg.cms.chunk
+    for t in (1, C, 5):
         for n_past in (0, 2, 51, 10**6):
+            n_past -= n_past % C if n_past % C + t > C else 0  # a step never crosses a chunk
             for first in {0, t - 1}:  # logits of every new token, or of the last only
                 feed = example_inputs(cfg, t, n_past, seed=n_past + 77, logits_from=first)
                 outs = sess.run(contract.output_names(cfg.n_layers), feed)
@@ -43,9 +45,8 @@ def test_graphs_fresh_random_inputs(tiny, bundle_fp32):
 
 
 def test_graph_at_the_largest_rotary_position(tiny, bundle_fp32):
-    """The exported rotation reads cos/sin tables (lm.ropes_at, positions 0..ring.max_position): a W-token step
-    just before the frame moves reaches the largest position a stream can, S + 2W + T - 3 (runtime/ring.py),
-    and still matches torch."""
+    """The exported rotation reads cos/sin tables (lm.ropes_at, positions 0..Layout.max_position): the chunk that
+    reaches the largest position a stream takes (found by walking the plans) is within them and matches torch."""
     import onnxruntime as ort
 
     from cortex_edge.export.onnx_export import GraphModule, example_inputs, run_torch
@@ -53,11 +54,11 @@ def test_graph_at_the_largest_rotary_position(tiny, bundle_fp32):
 
     model = tiny[0]
     cfg = model.cfg
-    S, W = cfg.sinks, cfg.window
-    n_past = S + 2 * W - 2  # the frame is still 0 here and moves at the next token
-    assert ring.plan_step(n_past, W, S, W).q_pos.max() == S + 3 * W - 3 == ring.max_position(S, W)
+    lay, C = ring.Layout.of(cfg), cfg.cms.chunk
+    top, n_past = max((int(ring.plan_step(n, C, lay).q_pos.max()), n) for n in range(0, 20 * cfg.window, C))
+    assert cfg.window < top <= lay.max_position
     sess = ort.InferenceSession(str(bundle_fp32 / contract.GRAPH), providers=["CPUExecutionProvider"])
-    feed = example_inputs(cfg, W, n_past, seed=5)
+    feed = example_inputs(cfg, C, n_past, seed=5)
     for got, ref in zip(sess.run(contract.output_names(cfg.n_layers), feed), run_torch(GraphModule(model), feed)):
         np.testing.assert_allclose(got, ref, atol=contract.ATOL_FP32_LOGITS, rtol=0)
 

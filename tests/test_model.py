@@ -59,7 +59,9 @@ def test_chunk_equals_token_by_token(kw):
 
 def _naive_streaming_logits(model, ids):
     """StreamingLLM written out: keep every token's un-rotated K/V; each query attends to the sinks
-    and the last W tokens, rotated by explicit relative distances. No ring, no masks, no plan."""
+    and the last W tokens, rotated by explicit relative distances. No buffer, no masks, no plan.
+    A sink is seen from the position its chunk's first token c0 takes against it (c0, or S + W - 1 once the
+    window is full), plus the query's distance from c0 (runtime/ring.py)."""
     import torch
 
     from cortex_edge.model.lm import rope_cos_sin, rotate
@@ -79,7 +81,8 @@ def _naive_streaming_logits(model, ids):
             vs[li].append(att.v_proj(h).view(cfg.n_kv_heads, hd))
             visible = sorted(set(range(min(S, a + 1))) | set(range(max(S, a - W + 1), a + 1)))
             P = 1000  # any query position: only distances matter
-            dist = [min(a - b, S + W - 1 - b) if b < S else a - b for b in visible]
+            c0 = a - a % cfg.cms.chunk
+            dist = [min(c0, S + W - 1) + a - c0 - b if b < S else a - b for b in visible]
             cq, sq = rope_cos_sin(torch.tensor(P), hd, cfg.rope_theta)
             ck, sk = rope_cos_sin(torch.tensor([P - d for d in dist]), hd, cfg.rope_theta)
             qr = rotate(q, cq, sq)  # (H, hd)
@@ -132,25 +135,36 @@ def test_untrained_sidecar_leaves_backbone_exactly_unchanged():
 def test_positions_stay_bounded():
     from cortex_edge.runtime import ring
 
-    S, W, C = 4, 64, 16
-    worst = 0
-    for n_past in list(range(0, 300, 7)) + [10**6, 10**9 + 3]:
-        for t in (1, C):
-            p = ring.plan_step(n_past, t, S, W)
-            worst = max(worst, int(p.q_pos.max()), int(p.sink_q_pos.max()))
-            assert p.q_pos.min() >= 0 and p.sink_q_pos.min() >= 0
-    assert worst <= S + 2 * W + C - 3
+    for lay in (ring.Layout(rows=5, sinks=4, window=64, chunk=16, shift=64), ring.Layout(0, 3, 12, 5, 12),
+                ring.Layout(2, 0, 7, 3, 6)):
+        C = lay.chunk
+        for n_past in list(range(0, 300, 7)) + [10**6, 10**9 + 3]:
+            for t in (1, C - n_past % C):
+                p = ring.plan_step(n_past, t, lay)
+                assert 0 <= p.q_pos.min() and p.q_pos.max() <= lay.max_position
+                assert p.total <= lay.capacity
 
 
-def test_decode_plan_is_the_general_plan():
+def test_plan_sees_exactly_the_sinks_and_the_window():
+    """Every new token sees, through the buffer rows the bias leaves open, exactly the sinks that exist and the
+    tokens at most W - 1 back (itself included), each where ring.Layout.index puts it; and the new tokens are
+    the last rows in use (where GroupQueryAttention writes them)."""
     from cortex_edge.runtime import ring
 
-    for S, W in ((4, 64), (0, 7), (3, 12)):
-        for n in list(range(0, S + 3 * W + 5)) + [10**6 + 1, 10**9 + 3]:
-            fast, general = ring.plan_step(n, 1, S, W), ring._plan(n, 1, S, W)
-            for f in ("q_pos", "sink_q_pos", "attn_mask", "slots"):
-                a, b = getattr(fast, f), getattr(general, f)
-                assert a.dtype == b.dtype and np.array_equal(a, b), (S, W, n, f)
+    for lay in (ring.Layout(rows=5, sinks=4, window=64, chunk=16, shift=64), ring.Layout(0, 3, 12, 5, 12),
+                ring.Layout(2, 0, 7, 3, 6), ring.Layout(1, 2, 16, 4, 5)):
+        C = lay.chunk
+        for n_past in list(range(0, 5 * lay.window, 3)) + [10**6 + 1]:
+            for t in sorted({1, C - n_past % C}):
+                p = ring.plan_step(n_past, t, lay)
+                c0 = n_past - n_past % C
+                assert np.array_equal(lay.index(np.arange(n_past, n_past + t), c0),
+                                      np.arange(p.total - t, p.total))
+                for u in range(t):
+                    a = n_past + u
+                    want = sorted(set(range(min(lay.sinks, a + 1))) | set(range(max(lay.sinks, a - lay.window + 1), a + 1)))
+                    rows = sorted(int(lay.index(b, c0)) for b in want)
+                    assert np.flatnonzero(p.bias[0, 0, u] == 0).tolist() == rows, (lay, n_past, t, u)
 
 
 def test_split_pieces_never_cross_an_event():

@@ -94,8 +94,8 @@ def test_runtime_rows_match_the_torch_reference(placed):
     rk, rv = rows.views(st.rows, cfg, "fp32")
     read = ts.row_keys_read()
     for j in range(len(ts.row_k)):
-        np.testing.assert_allclose(rk[j], read[j].numpy(), atol=2e-4)
-        np.testing.assert_allclose(rv[j], ts.row_v[j].numpy(), atol=2e-4)
+        np.testing.assert_allclose(rk[j], read[j][0].numpy(), atol=2e-4)
+        np.testing.assert_allclose(rv[j], ts.row_v[j][0].numpy(), atol=2e-4)
     assert np.max(np.abs(got - ref)) < 2e-3 * max(1.0, np.max(np.abs(ref)))
     # the rows are read: the same stream with the sidecar off computes something else once rows are visible
     off = eng.feed(eng.new_state(), ids, all_logits=True, memory=False)
@@ -121,17 +121,17 @@ def test_rows_chunk_equals_token_by_token(placed):
 
 
 def test_rows_writes_only_above_the_threshold_and_keep_the_strongest(rows_model):
-    from cortex_edge.runtime import rows
-    from cortex_edge.runtime.ring import slot_of
+    from cortex_edge.runtime import ring, rows
 
     m, _, _ = rows_model
     cfg = m.cfg
     c = cfg.cms
     rs = rows.empty(cfg, "fp32")
-    P = cfg.sinks + cfg.window
-    keys = [np.random.default_rng(i).standard_normal((1, cfg.n_kv_heads, P, cfg.head_dim)).astype(np.float32)
+    lay = ring.Layout.of(cfg)
+    M = lay.capacity
+    keys = [np.random.default_rng(i).standard_normal((1, cfg.n_kv_heads, M, cfg.head_dim)).astype(np.float32)
             for i in range(cfg.n_layers)]
-    vals = [np.random.default_rng(10 + i).standard_normal((1, cfg.n_kv_heads, cfg.head_dim, P)).astype(np.float32)
+    vals = [np.random.default_rng(10 + i).standard_normal((1, cfg.n_kv_heads, M, cfg.head_dim)).astype(np.float32)
             for i in range(cfg.n_layers)]
     n = 3 * c.chunk
     C = c.chunk
@@ -142,8 +142,8 @@ def test_rows_writes_only_above_the_threshold_and_keep_the_strongest(rows_model)
     kept = sorted(rs.token.tolist())
     assert kept == list(range(n - C - c.rows, n - C))  # the R strongest (latest) tokens of the chunk before last
     j = int(np.argmax(rs.token))
-    v = rows.views(rs, cfg, "fp32")[1][0][0, :, :, j]  # first row layer's value of the last token
-    np.testing.assert_array_equal(v, vals[c.rows_from][0, :, :, int(slot_of(n - C - 1, cfg.sinks, cfg.window))])
+    v = rows.views(rs, cfg, "fp32")[1][0][:, j]  # first row layer's value of the last token
+    np.testing.assert_array_equal(v, vals[c.rows_from][0, :, int(lay.index(n - C - 1, n - C))])
     # a weaker gate does not displace a stronger row
     rs.pending[:] = 0.0
     rs.pending[0] = c.rows_threshold + 0.01
@@ -160,9 +160,11 @@ def test_rows_lookahead_keeps_the_tokens_just_before_a_gate(rows_model):
     c = cfg.cms
     C, L = c.chunk, c.rows_lookahead
     assert L >= 1
-    P = cfg.sinks + cfg.window
-    keys = [np.zeros((1, cfg.n_kv_heads, P, cfg.head_dim), np.float32) for _ in range(cfg.n_layers)]
-    vals = [np.zeros((1, cfg.n_kv_heads, cfg.head_dim, P), np.float32) for _ in range(cfg.n_layers)]
+    from cortex_edge.runtime import ring
+
+    M = ring.Layout.of(cfg).capacity
+    keys = [np.zeros((1, cfg.n_kv_heads, M, cfg.head_dim), np.float32) for _ in range(cfg.n_layers)]
+    vals = [np.zeros((1, cfg.n_kv_heads, M, cfg.head_dim), np.float32) for _ in range(cfg.n_layers)]
     rs = rows.empty(cfg, "fp32")
     n = 4 * C
     rs.pending[5] = 0.9  # token n - 2C + 5 fires: it and the L before it are kept, nothing else
@@ -356,8 +358,8 @@ def test_recency_reads_the_held_rows_in_token_order_newest_nearest(rows_model_re
     per_slot = stored.reshape(R, len(rk), cfg.n_kv_heads, hd)
     for j in (1, 2, 5, 6):
         want = ring.rotate(per_slot[j, 0], int(pos[j] - rows.row_position(j, cfg)), cfg.rope_theta)
-        np.testing.assert_allclose(rk[0][0, :, j], want, atol=1e-6)
-    np.testing.assert_array_equal(rk[0][0, :, 0], per_slot[0, 0])  # an empty slot is not moved
+        np.testing.assert_allclose(rk[0][:, j], want, atol=1e-6)
+    np.testing.assert_array_equal(rk[0][:, 0], per_slot[0, 0])  # an empty slot is not moved
 
 
 def test_an_answer_counts_only_the_whole_value():

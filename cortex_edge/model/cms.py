@@ -103,15 +103,17 @@ class RowWriter(nn.Module):
     def event(self, row_k: list[torch.Tensor], row_v: list[torch.Tensor], usage: torch.Tensor, token: torch.Tensor,
               pending: torch.Tensor, ring_k: list[torch.Tensor], ring_v: list[torch.Tensor], n: int, mcfg, rotate_by):
         """At the event ending the chunk before token n, commit the chunk before that one (each token kept with the
-        strongest gate among it and the next rows_lookahead tokens). row_k[i] (B, KV, R, hd), row_v[i]
-        (B, KV, hd, R), usage (B, R), token (B, R) long, pending (B, 2C): the previous and the current chunk's
-        gates; ring_k[i] (B, KV, P, hd) for the row layers, rotated in the ring's frame; rotate_by(x, delta)
-        rotates x by delta positions. Tensors are changed in place."""
+        strongest gate among it and the next rows_lookahead tokens). row_k[i], row_v[i] (B, KV, R, hd), usage (B, R),
+        token (B, R) long, pending (B, 2C): the previous and the current chunk's gates; buf_k[i], buf_v[i]
+        (B, KV, M, hd) the row layers' buffers as the chunk that just ended left them (runtime/ring.py), keys
+        rotated in its frame; rotate_by(x, delta) rotates x by delta positions. Tensors are changed in place."""
         from cortex_edge.runtime import ring
 
         cfg = self.cfg
         S, W, R = mcfg.sinks, mcfg.window, cfg.rows
-        f = ring.frame(n, S, W)
+        lay = ring.Layout.of(mcfg)
+        c0 = n - cfg.chunk  # the chunk that just ended: its layout holds the tokens
+        f = lay.frame(c0)
         for b in range(usage.shape[0]):
             for t in range(cfg.chunk):
                 a = n - 2 * cfg.chunk + t
@@ -121,11 +123,11 @@ class RowWriter(nn.Module):
                 j = int(torch.argmin(usage[b]))
                 if not float(usage[b, j]) < g:
                     continue
-                slot = int(ring.slot_of(a, S, W))
+                slot = int(lay.index(a, c0))
                 delta = (S + W - 1 - (R - j)) - (a - f)
                 for i in range(len(row_k)):
                     row_k[i][b, :, j] = rotate_by(ring_k[i][b, :, slot], delta)
-                    row_v[i][b, :, :, j] = ring_v[i][b, :, :, slot]
+                    row_v[i][b, :, j] = ring_v[i][b, :, slot]
                 usage[b] *= 1.0 - cfg.rows_decay
                 usage[b, j] = g
                 token[b, j] = a

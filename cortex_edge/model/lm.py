@@ -38,7 +38,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE in HF's layout (the exported graph uses onnxruntime's kernel instead: _ExportedRope)."""
+    """RoPE in HF's layout (the exported graph rotates inside GroupQueryAttention: _ExportedGQA)."""
     return x * cos + rotate_half(x) * sin
 
 
@@ -50,41 +50,83 @@ class RopeTables(NamedTuple):
     sin: torch.Tensor
 
 
-class _ExportedRope(torch.autograd.Function):
-    """rotate() from RopeTables, exported as onnxruntime's RotaryEmbedding (HF half-split layout): one kernel
-    where rotate() is six elementwise operators (Split, Neg, Concat, Mul, Mul, Add). Export only (no
-    backward): training and the reference run rotate() itself. (Measured effect: docs/performance.md.)"""
+class GraphLengths(NamedTuple):
+    """The buffer rows in use after the step while exporting, as GroupQueryAttention takes them: seqlens_k (1,)
+    int32 = total - 1, total () int32. (The reference takes a Python int.)"""
+    seqlens_k: torch.Tensor
+    total: torch.Tensor
+
+
+def gqa_reference(q, k, v, buf_k, buf_v, total: int, bias, scale: float):
+    """What onnxruntime's GroupQueryAttention computes over a shared buffer, in plain torch.
+    q (B, H, T, hd), k, v (B, KV, T, hd) rotated; buf_k, buf_v (B, KV, M, hd); bias (1 or B, 1, T, total).
+    The new keys and values are written at rows total - T .. total - 1, and every query attends to rows
+    0 .. total - 1 (visibility is the bias). Head h reads KV head h // (H / KV) (HF repeat_kv).
+    Returns the output (B, T, H * hd) and the buffers with the new rows written."""
+    B, H, T, hd = q.shape
+    p0 = total - T
+    pk = torch.cat([buf_k[:, :, :p0], k, buf_k[:, :, total:]], dim=2)  # (B, KV, M, hd)
+    pv = torch.cat([buf_v[:, :, :p0], v, buf_v[:, :, total:]], dim=2)
+    G = H // k.shape[1]
+    kk = pk[:, :, :total].repeat_interleave(G, dim=1)  # (B, H, total, hd)
+    vv = pv[:, :, :total].repeat_interleave(G, dim=1)
+    s = torch.matmul(q, kk.transpose(-1, -2)) * scale + bias  # (B, H, T, total)
+    o = torch.matmul(torch.softmax(s, dim=-1), vv)  # (B, H, T, hd)
+    return o.transpose(1, 2).reshape(B, T, H * hd), pk, pv
+
+
+class _ExportedGQA(torch.autograd.Function):
+    """The attention, exported as one com.microsoft GroupQueryAttention node: packed q/k/v in, rotary inside
+    (position_ids, cos/sin tables), past and present the same buffer (the runtime binds them to one OrtValue, so
+    the kernel writes the new rows in place), visibility as attention_bias. Export only; the reference and
+    training run gqa_reference."""
 
     @staticmethod
-    def forward(ctx, x, pos, cos_t, sin_t):
-        cos, sin = cos_t[pos[0]], sin_t[pos[0]]  # (T, hd/2)
-        return rotate(x, torch.cat([cos, cos], -1), torch.cat([sin, sin], -1))
+    def forward(ctx, qkv, buf_k, buf_v, seqlens_k, total, pos, cos_t, sin_t, bias, n_heads, kv_heads):
+        B, T, _ = qkv.shape
+        hd = buf_k.shape[-1]
+        x = qkv.view(B, T, n_heads + 2 * kv_heads, hd).transpose(1, 2)
+        cos, sin = cos_t[pos[0]], sin_t[pos[0]]
+        cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
+        q, k, v = x.split([n_heads, kv_heads, kv_heads], dim=1)
+        return gqa_reference(rotate(q, cos, sin), rotate(k, cos, sin), v, buf_k, buf_v, int(total), bias,
+                             1.0 / math.sqrt(hd))
 
     @staticmethod
-    def symbolic(g, x, pos, cos_t, sin_t):
-        out = g.op("com.microsoft::RotaryEmbedding", x, pos, cos_t, sin_t, interleaved_i=0)
-        out.setType(x.type())  # same shape and type as x (the exporter cannot infer a contrib op's)
-        return out
+    def symbolic(g, qkv, buf_k, buf_v, seqlens_k, total, pos, cos_t, sin_t, bias, n_heads, kv_heads):
+        from torch.onnx import symbolic_helper as sh
+        none = sh._optional_input_placeholder_tensor(g)
+        hd = buf_k.type().sizes()[-1]
+        if hd % 16 == 0:  # rotary inside the kernel, which takes only head sizes that are multiples of 16
+            out, pk, pv = g.op("com.microsoft::GroupQueryAttention", qkv, none, none, buf_k, buf_v, seqlens_k, total,
+                               cos_t, sin_t, pos, bias, num_heads_i=n_heads, kv_num_heads_i=kv_heads, do_rotary_i=1,
+                               rotary_interleaved_i=0, outputs=3)
+        else:  # the same maths, the rotation as its own kernel first (3 more operators a layer)
+            qk_size = g.op("Constant", value_t=torch.tensor([(n_heads + kv_heads) * hd, kv_heads * hd]))
+            qk, v = g.op("Split", qkv, qk_size, axis_i=-1, outputs=2)
+            qk = g.op("com.microsoft::RotaryEmbedding", qk, pos, cos_t, sin_t, interleaved_i=0,
+                      num_heads_i=n_heads + kv_heads)
+            q_size = g.op("Constant", value_t=torch.tensor([n_heads * hd, kv_heads * hd]))
+            q, k = g.op("Split", qk, q_size, axis_i=-1, outputs=2)
+            out, pk, pv = g.op("com.microsoft::GroupQueryAttention", q, k, v, buf_k, buf_v, seqlens_k, total,
+                               none, none, none, bias, num_heads_i=n_heads, kv_num_heads_i=kv_heads, do_rotary_i=0,
+                               outputs=3)
+        for t, like in ((pk, buf_k), (pv, buf_v)):
+            t.setType(like.type())
+        return out, pk, pv
 
 
 def ropes_at(positions: list[torch.Tensor], head_dim: int, theta: float, max_pos: int,
              divisors: tuple[float, ...] = ()) -> list:
-    """The rotation at each positions tensor (T,): cos, sin (T, hd) for rotate(); while exporting, RopeTables
+    """The rotation at each positions tensor (1, T): cos, sin (T, hd) for rotate(); while exporting, RopeTables
     sharing one pair of tables over positions 0..max_pos (the graph then holds the tables, not the
     trigonometry; onnxruntime refuses a position beyond them)."""
     if not torch.onnx.is_in_onnx_export():
-        return [rope_cos_sin(pos, head_dim, theta, divisors) for pos in positions]
+        return [rope_cos_sin(pos[0], head_dim, theta, divisors) for pos in positions]
     cos, sin = rope_cos_sin(torch.arange(max_pos + 1), head_dim, theta, divisors)
     h = head_dim // 2
     cos, sin = cos[:, :h].contiguous(), sin[:, :h].contiguous()
-    return [RopeTables(pos.unsqueeze(0), cos, sin) for pos in positions]
-
-
-def apply_rope(x: torch.Tensor, rope) -> torch.Tensor:
-    """x (..., T, hd) rotated by one of ropes_at's rotations."""
-    if isinstance(rope, RopeTables):
-        return _ExportedRope.apply(x, *rope)
-    return rotate(x, *rope)
+    return [RopeTables(pos, cos, sin) for pos in positions]
 
 
 def graph_batch(x: torch.Tensor) -> int:
@@ -115,57 +157,30 @@ class Attention(nn.Module):
             self.qkv_proj.bias.copy_(torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]))
         del self.q_proj, self.k_proj, self.v_proj
 
-    def forward(self, x, q_rope, sink_rope, mask, past_k, past_v, n, row_k=None, row_v=None):
-        """past_k (B, KV, n, hd) holds keys already rotated (ring: in the current frame; sinks: at their own
-        position); past_v (B, KV, hd, n) holds values transposed. Both caches are the left operand of their
-        matmul, scores and probabilities are kept slots-by-queries: a one-token step is then a matrix times a
-        few columns that streams the cache once (q @ K^T and p @ V make onnxruntime pack, i.e. copy, the whole
-        cache first; docs/performance.md has the profile).
-        n: past_k.shape[2] (S + W, or fewer slots while the ring is still filling), given by the caller so that
-        the graph reads the ring's length once, not per layer.
-        q_rope, sink_rope: ropes_at's rotations at the queries' positions and at their sink positions.
-        Queries and keys are rotated together (one RotaryEmbedding kernel in the graph), and 1/sqrt(hd) is
-        applied to each score matmul (onnxruntime folds it into the matmul): a one-token step's small operators
-        cost microseconds each whatever their size, so the formulation keeps them few. Every reshape has one
-        free (-1) axis, the new tokens', so the exported graph does no shape arithmetic.
-        row_k (B, KV, R, hd), row_v (B, KV, hd, R): the row level (runtime/rows.py), seen from the sinks' query
-        position like the sinks; mask then covers [cache | rows | new tokens].
-        Returns the output, the new keys (B, KV, T, hd) and the new values (B, KV, hd, T), in cache layout."""
+    def forward(self, x, q_rope, bias, buf_k, buf_v, total):
+        """x (B, T, D); q_rope: ropes_at's rotation at the new tokens' positions; buf_k, buf_v (B, KV, M, hd): the
+        layer's buffer (runtime/ring.py: [rows | sinks | recent tokens], keys stored rotated); total: the rows in
+        use once the new tokens are written at total - T .. total - 1 (an int; GraphLengths while exporting);
+        bias (1, 1, T, total) additive. Returns the output (B, T, D) and the buffers with the new rows written.
+        Exported, the whole attention (rotation, cache write, scores, softmax, values) is one GroupQueryAttention
+        node over the buffer, written in place: the layer's only operator between its two projections."""
         cfg = self.cfg
         B = graph_batch(x)
-        H, KV, hd, S = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.sinks
-        G = H // KV
+        H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         if self.qkv_proj is not None:
-            qk, v = self.qkv_proj(x).split([(H + KV) * hd, KV * hd], dim=-1)
+            qkv = self.qkv_proj(x)
         else:
-            qk, v = torch.cat([self.q_proj(x), self.k_proj(x)], dim=-1), self.v_proj(x)
-        qk = qk.view(B, -1, H + KV, hd).transpose(1, 2)  # (B, H + KV, T, hd): the query heads, then the key heads
-        v = v.view(B, -1, KV, hd).permute(0, 2, 3, 1)  # (B, KV, hd, T)
-        q, k = apply_rope(qk, q_rope).split([H, KV], dim=1)  # k (B, KV, T, hd) rotated: goes to the ring as is
-        # head h = kv * G + g uses kv head h // G (HF repeat_kv): columns g * T + t of (B, KV, hd, G * T)
-        q = q.reshape(B, KV, -1, hd).transpose(-1, -2)  # (B, KV, hd, G*T)
-        scale = 1.0 / math.sqrt(hd)
-        s_past = torch.matmul(past_k, q) * scale  # (B, KV, n, G*T)
-        s_new = torch.matmul(k, q) * scale  # (B, KV, T, G*T)
-        if S:  # the sinks, seen from each query's own sink position
-            qs = apply_rope(qk[:, :H], sink_rope)
-            qs = qs.reshape(B, KV, -1, hd).transpose(-1, -2)
-            s_sink = torch.matmul(past_k[:, :, :S], qs) * scale  # (B, KV, S, G*T)
-            parts = [s_sink, s_past[:, :, S:], s_new]
-            if row_k is not None:  # the rows, from the sinks' query position too
-                parts.insert(2, torch.matmul(row_k, qs) * scale)  # (B, KV, R, G*T)
+            qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)  # (B, T, (H + 2KV) hd)
+        if isinstance(q_rope, RopeTables):
+            o, pk, pv = _ExportedGQA.apply(qkv, buf_k, buf_v, total.seqlens_k, total.total, q_rope.pos, q_rope.cos,
+                                           q_rope.sin, bias, H, KV)
         else:
-            parts = [s_past, s_new]
-        scores = torch.cat(parts, dim=2) + mask.t().repeat(1, G)  # mask (T, n+T) per head g
-        p = torch.softmax(scores, dim=2)  # over the n (+ R) + T slots
-        if row_k is not None:
-            r = row_k.shape[2]
-            o = torch.matmul(past_v, p[:, :, :n]) + torch.matmul(row_v, p[:, :, n:n + r]) \
-                + torch.matmul(v, p[:, :, n + r:])
-        else:
-            o = torch.matmul(past_v, p[:, :, :n]) + torch.matmul(v, p[:, :, n:])  # (B, KV, hd, G*T), no K/V concat
-        o = o.reshape(B, KV, hd, G, -1).permute(0, 4, 1, 3, 2).reshape(B, -1, H * hd)
-        return self.o_proj(o), k, v
+            if isinstance(total, GraphLengths):  # the graph module run eagerly (export validation)
+                total = int(total.total)
+            q, k, v = qkv.view(B, -1, H + 2 * KV, hd).transpose(1, 2).split([H, KV, KV], dim=1)  # (B, *, T, hd)
+            o, pk, pv = gqa_reference(rotate(q, *q_rope), rotate(k, *q_rope), v, buf_k, buf_v, total, bias,
+                                      1.0 / math.sqrt(hd))
+        return self.o_proj(o), pk, pv
 
 
 ACT = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -207,8 +222,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, q_rope, sink_rope, mask, past_k, past_v, n, row_k=None, row_v=None):
-        a, k, v = self.self_attn(self.input_layernorm(x), q_rope, sink_rope, mask, past_k, past_v, n, row_k, row_v)
+    def forward(self, x, q_rope, bias, buf_k, buf_v, total):
+        a, k, v = self.self_attn(self.input_layernorm(x), q_rope, bias, buf_k, buf_v, total)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), k, v
 
@@ -253,31 +268,24 @@ class CortexLM(nn.Module):
                 p.copy_(torch.randn(p.shape, generator=g) * s)
         return self
 
-    def step(self, input_ids, q_pos, sink_q_pos, attn_mask, past_keys, past_values, mems, mem_keys,
-             return_stats: bool = False, logits_from: torch.Tensor | None = None, row_keys=None, row_values=None,
-             row_mask=None):
-        """The graph. input_ids (B, T); q_pos, sink_q_pos (T,); past_keys[i] (B, KV, S+W, hd) rotated
-        (runtime/ring.py), past_values[i] (B, KV, hd, S+W); mems[l] (B, N_l, d_l); mem_keys[l] (B, N_l, d_k).
+    def step(self, input_ids, q_pos, bias, row_bias, total, buf_keys, buf_values, mems, mem_keys,
+             return_stats: bool = False, logits_from: torch.Tensor | None = None):
+        """The graph. input_ids (B, T); q_pos (1, T); bias, row_bias (1, 1, T, total): visibility in the layers
+        without and with the row level (runtime/ring.py; row_bias None without a row level); total: buffer rows in
+        use after the step (int, or GraphLengths while exporting); buf_keys[i], buf_values[i] (B, KV, M, hd) the
+        layers' buffers, keys stored rotated; mems[l] (B, N_l, d_l); mem_keys[l] (B, N_l, d_k).
         logits_from: () int64, logits of tokens logits_from.. only (None: all).
-        row_keys[j], row_values[j]: the row level for the j-th layer of cfg.cms.row_layers, row_mask (T, R).
-        Returns logits (B, T, V), new keys (rotated at q_pos) (B, KV, T, hd) and values (B, KV, hd, T), as the
-        caches hold them, and write_feat (B, T, d_z)."""
+        Returns logits (B, T, V), the buffers with the new tokens' rows written, and write_feat (B, T, d_z)."""
         cfg = self.cfg
-        q_rope, sink_rope = ropes_at([q_pos, sink_q_pos], cfg.head_dim, cfg.rope_theta,
-                                     ring.max_position(cfg.sinks, cfg.window), cfg.rope_freq_divisors)
+        lay = ring.Layout.of(cfg)  # tables over every position, and at least the buffer's rows (onnxruntime asks so)
+        (q_rope,) = ropes_at([q_pos], cfg.head_dim, cfg.rope_theta, max(lay.max_position, lay.capacity),
+                             cfg.rope_freq_divisors)
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         new_k, new_v, feat, stats = [], [], None, None
-        n = past_keys[0].shape[2]  # ring slots, read once for every layer
         rl = cfg.cms.row_layers(cfg.n_layers)
-        if len(rl):  # one mask for the row layers: [cache | rows | new tokens]
-            row_attn_mask = torch.cat([attn_mask[:, :n], row_mask, attn_mask[:, n:]], dim=1)
         for i, layer in enumerate(self.model.layers):
-            if i in rl:
-                j = i - rl.start
-                x, k, v = layer(x, q_rope, sink_rope, row_attn_mask, past_keys[i], past_values[i], n,
-                                row_keys[j], row_values[j])
-            else:
-                x, k, v = layer(x, q_rope, sink_rope, attn_mask, past_keys[i], past_values[i], n)
+            b = row_bias if i in rl else bias
+            x, k, v = layer(x, q_rope, b, buf_keys[i], buf_values[i], total)
             new_k.append(k)
             new_v.append(v)
             if i == cfg.memory_layer:
@@ -294,7 +302,8 @@ class CortexLM(nn.Module):
 
 
 class TorchStream:
-    """Drives CortexLM.step like the runtime drives the graph: ring writes, a memory event every C tokens.
+    """Drives CortexLM.step like the runtime drives the graph: the buffers of runtime/ring.py (moved, re-rotated
+    and given their sinks and rows at each chunk start), a memory event every C tokens.
 
     Differentiable when built with grad enabled (training backpropagates through memory across chunks).
     """
@@ -302,9 +311,12 @@ class TorchStream:
     def __init__(self, model: CortexLM, batch: int = 1):
         cfg = model.cfg
         self.model, self.cfg, self.batch = model, cfg, batch
-        P = cfg.sinks + cfg.window
-        self.keys = [torch.zeros(batch, cfg.n_kv_heads, P, cfg.head_dim) for _ in range(cfg.n_layers)]
-        self.values = [torch.zeros(batch, cfg.n_kv_heads, cfg.head_dim, P) for _ in range(cfg.n_layers)]
+        self.lay = ring.Layout.of(cfg)
+        M = self.lay.capacity
+        self.keys = [torch.zeros(batch, cfg.n_kv_heads, M, cfg.head_dim) for _ in range(cfg.n_layers)]
+        self.values = [torch.zeros(batch, cfg.n_kv_heads, M, cfg.head_dim) for _ in range(cfg.n_layers)]
+        self.sink_k: list[torch.Tensor] | None = None  # the sinks' keys in their own frame, once all are in
+        self.prepared = -1  # the chunk start the buffers are laid out for
         self.mems, self.mem_keys, self.usage = empty_state(cfg.cms, batch)
         self.n = 0  # tokens seen
         self.events = 0
@@ -314,15 +326,20 @@ class TorchStream:
         c, R = cfg.cms, cfg.cms.rows
         rl = c.row_layers(cfg.n_layers)  # the row level (runtime/rows.py), fp32 here
         self.row_k = [torch.zeros(batch, cfg.n_kv_heads, R, cfg.head_dim) for _ in rl]
-        self.row_v = [torch.zeros(batch, cfg.n_kv_heads, cfg.head_dim, R) for _ in rl]
+        self.row_v = [torch.zeros(batch, cfg.n_kv_heads, R, cfg.head_dim) for _ in rl]
         self.row_usage = torch.zeros(batch, R)
         self.row_token = torch.full((batch, R), -1, dtype=torch.long)
         self.row_pending = torch.zeros(batch, 2 * c.chunk)  # the previous and the current chunk
         self.row_writes: list[tuple[int, int, float]] = []
 
+    def _rotate(self, x: torch.Tensor, delta: int) -> torch.Tensor:
+        cfg = self.cfg
+        return rotate(x, *rope_cos_sin(torch.tensor(delta), cfg.head_dim, cfg.rope_theta, cfg.rope_freq_divisors))
+
     def row_keys_read(self) -> list[torch.Tensor]:
-        """The row keys as the attention reads them. A slot's key is stored rotated at S + W - 1 - (R - j); with
-        rows_place "recency" the held rows are read in token order, the k-th newest at S + W - 2 - rows_gap - k."""
+        """The row keys in the sinks' own frame, as they are read. A slot's key is stored rotated at
+        S + W - 1 - (R - j); with rows_place "recency" the held rows are read in token order, the k-th newest at
+        S + W - 2 - rows_gap - k."""
         cfg = self.cfg
         if cfg.cms.rows_place == "slot":
             return self.row_k
@@ -332,40 +349,62 @@ class TorchStream:
             held = [j for j in range(R) if int(self.row_token[b, j]) >= 0]
             for k, j in enumerate(sorted(held, key=lambda j: -int(self.row_token[b, j]))):
                 d = (S + W - 2 - cfg.cms.rows_gap - k) - (S + W - 1 - (R - j))
-                cos, sin = rope_cos_sin(torch.tensor(d), cfg.head_dim, cfg.rope_theta, cfg.rope_freq_divisors)
                 for i in range(len(out)):
-                    out[i][b, :, j] = rotate(self.row_k[i][b, :, j], cos, sin)
+                    out[i][b, :, j] = self._rotate(self.row_k[i][b, :, j], d)
         return out
+
+    def prepare(self) -> None:
+        """Lay the buffers out for the chunk the next token is in (runtime/ring.py): move the recent tokens when
+        the region's base moves, rotate them when the frame moves, and write the sinks and the rows rotated
+        into the chunk's frame. Once per chunk; pieces never cross one."""
+        lay, S, R = self.lay, self.cfg.sinks, self.lay.rows
+        c0 = ring.chunk_start(self.n, lay.chunk)
+        if self.prepared == c0:
+            return
+        old = max(self.prepared, 0)
+        d_base, d_frame = lay.base(c0) - lay.base(old), lay.frame(c0) - lay.frame(old)
+        keep = slice(R + S + d_base, None)
+        if d_base:  # the oldest d_base tokens of the region are out of every coming query's window
+            pad = torch.zeros_like(self.keys[0][:, :, :d_base])
+            self.keys = [torch.cat([k[:, :, :R + S], k[:, :, keep], pad], dim=2) for k in self.keys]
+            self.values = [torch.cat([v[:, :, :R + S], v[:, :, keep], pad], dim=2) for v in self.values]
+        if d_frame:
+            self.keys = [torch.cat([k[:, :, :R + S], self._rotate(k[:, :, R + S:], -d_frame)], dim=2)
+                         for k in self.keys]
+        if self.sink_k is None and c0 >= S:  # every sink is in, written at its own position (delta was 0)
+            self.sink_k = [k[:, :, R:R + S] for k in self.keys]
+        delta = lay.sink_delta(c0)
+        if self.sink_k is not None:
+            self.keys = [torch.cat([k[:, :, :R], self._rotate(s, delta), k[:, :, R + S:]], dim=2)
+                         for k, s in zip(self.keys, self.sink_k)]
+        rl = self.cfg.cms.row_layers(self.cfg.n_layers)
+        if R and len(rl):
+            rk = self.row_keys_read()
+            for j, i in enumerate(rl):
+                self.keys[i] = torch.cat([self._rotate(rk[j], delta), self.keys[i][:, :, R:]], dim=2)
+                self.values[i] = torch.cat([self.row_v[j], self.values[i][:, :, R:]], dim=2)
+        self.prepared = c0
 
     def piece(self, ids: torch.Tensor):
         """ids (B, T), not crossing a chunk boundary -> logits (B, T, V)"""
         cfg = self.cfg
         T = ids.shape[1]
-        plan = ring.plan_step(self.n, T, cfg.sinks, cfg.window)
-        t = {k: torch.from_numpy(getattr(plan, k)) for k in ("q_pos", "sink_q_pos", "attn_mask")}
-        rows = {}
+        self.prepare()
+        row_mask = None
         if cfg.cms.rows:
             a = torch.arange(self.n, self.n + T)
-            tok = self.row_token
-            rows = {"row_keys": self.row_keys_read(), "row_values": self.row_v,  # (T, R), batch 1's per stream
-                    "row_mask": torch.where((tok[0][None, :] >= 0) & (a[:, None] - tok[0][None, :] >= cfg.window),
-                                            0.0, float(ring.NEG_INF))}
+            tok = self.row_token  # (T, R), batch 1's per stream
+            row_mask = torch.where((tok[0][None, :] >= 0) & (a[:, None] - tok[0][None, :] >= cfg.window),
+                                   0.0, float(ring.NEG_INF)).numpy()
             assert self.batch == 1 or not torch.any(tok >= 0), "rows reads are batch 1 (training caches its own)"
-        out = self.model.step(ids, t["q_pos"], t["sink_q_pos"], t["attn_mask"],
-                              self.keys, self.values, self.mems, self.mem_keys, return_stats=self.read_log is not None,
-                              **rows)
-        logits, nk, nv, feat = out[:4]
+        plan = ring.plan_step(self.n, T, self.lay, row_mask)
+        out = self.model.step(ids, torch.from_numpy(plan.q_pos), torch.from_numpy(plan.bias),
+                              None if plan.row_bias is None else torch.from_numpy(plan.row_bias), plan.total,
+                              self.keys, self.values, self.mems, self.mem_keys,
+                              return_stats=self.read_log is not None)
+        logits, self.keys, self.values, feat = out[:4]
         if self.read_log is not None:
             self.read_log.append(out[4])
-        slots = torch.from_numpy(plan.slots)
-        # later tokens overwrite earlier ones in the same slot only if T > W, which plan_step forbids
-        self.keys = [k.index_copy(2, slots, n) for k, n in zip(self.keys, nk)]
-        self.values = [v.index_copy(3, slots, n) for v, n in zip(self.values, nv)]
-        shift = ring.frame_shift(self.n, self.n + T, cfg.sinks, cfg.window)
-        if shift:  # the ring's rotary frame moved: rotate its keys back by as much (sinks stay)
-            cos, sin = rope_cos_sin(torch.tensor(-shift), cfg.head_dim, cfg.rope_theta, cfg.rope_freq_divisors)
-            self.keys = [torch.cat([k[:, :, :cfg.sinks], rotate(k[:, :, cfg.sinks:], cos, sin)], dim=2)
-                         for k in self.keys]
         for i in range(T):  # token by token, the same summation order as the runtime
             self.acc = self.acc + feat[:, i]
         if cfg.cms.rows:
@@ -377,9 +416,7 @@ class TorchStream:
             before = self.row_token.clone()
             self.model.cms_write.rows.event(
                 self.row_k, self.row_v, self.row_usage, self.row_token, self.row_pending,
-                [self.keys[i] for i in rl], [self.values[i] for i in rl], self.n, cfg,
-                lambda x, d: rotate(x, *rope_cos_sin(torch.tensor(d), cfg.head_dim, cfg.rope_theta,
-                                                     cfg.rope_freq_divisors)))
+                [self.keys[i] for i in rl], [self.values[i] for i in rl], self.n, cfg, self._rotate)
             changed = torch.nonzero(self.row_token[0] != before[0]).flatten().tolist()
             self.row_writes += [(int(self.row_token[0, j]), j, float(self.row_usage[0, j])) for j in changed]
         if self.n % cfg.cms.chunk == 0:
