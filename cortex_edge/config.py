@@ -153,8 +153,8 @@ class ModelConfig:
             raise ConfigError(f"a row level needs sinks (its rows are seen from the sinks' query) and cms.rows_from in "
                               f"[0, {self.n_layers})")
         if self.cms.rows and 2 * self.cms.chunk > self.window:
-            raise ConfigError("a row level needs 2 * cms.chunk <= window (a chunk's rows are taken from the ring one "
-                              "event later)")
+            raise ConfigError("a row level needs 2 * cms.chunk <= window (a chunk's rows are taken from the attention "
+                              "buffer one event later)")
         self.cms.validate()
 
     def to_dict(self) -> dict[str, Any]:

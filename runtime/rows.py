@@ -11,18 +11,20 @@ tokens' rows, not a learnt summary, and the only thing it learns is which tokens
                         if s_t > tau:  j = argmin u  (LRU by usage; empty slots have u = 0)   with a binary
                         if u_j < s_t:  u <- (1 - d) u;  u_j <- s_t              gate, the decay on the usage)
                                        K_j, V_j <- the token's rows
-  read, every token   layers rows_from.. attend to [sinks | rows | ring | new]: slot j's key is stored rotated
-                      at P_j = S + W - 1 - (R - j), and seen from the sinks' query position, so a row sits at
-                      distance R - j from every query (recent, as the measurement wants); with rows_place
-                      "recency" the views rotate it on so that the k-th newest held row sits at distance rows_gap + k + 1
-                      (a statement's tokens in order, as if just said); a row is masked while
-                      its token is still in the window (the model sees each token once, and a history that fits
-                      the window computes exactly what the model alone computes)
+  read, every token   layers rows_from.. attend to [rows | sinks | recent tokens] (the buffer of ring.py): slot
+                      j's key is stored rotated at P_j = S + W - 1 - (R - j), and seen from the sinks' query
+                      position, so a row sits at distance R - j (recent, as the measurement wants); with rows_place
+                      "recency" the views rotate it on so that the k-th newest held row sits at distance
+                      rows_gap + k + 1 (a statement's tokens in order, as if just said); the engine writes the views
+                      into the buffer rotated into each chunk's frame, so a chunk's later tokens see them up to
+                      C - 1 farther; a row is masked while its token is still in the window (the model sees
+                      each token once, and a history that fits the window computes exactly what the model alone
+                      computes)
 
 Writes wait for the event so that feeding a chunk whole or token by token gives the same state (pieces never
 cross an event), and one event more so that the lookahead can see the next chunk's first gates: a gate fires
 once a sentence shows itself a fact ("... is the name of my cat"), L tokens after a value that came first
-("Pixel is ..."). The rows of the previous chunk's tokens are still in the ring at the event (2C <= W): they
+("Pixel is ..."). The rows of the previous chunk's tokens are still in the buffer at the event (2C <= W): they
 are taken from there, and no row is due to be read before it is written (a row is read W tokens after its own). Storage: slot-major (R, layers, KV, hd) for keys and values, so that int8 has one scale per slot,
 layer and head, and a write re-encodes only its own slot. The torch reference is cortex_edge/model/cms.py
 (RowWriter); tests hold the two together.

@@ -116,6 +116,35 @@ class _ExportedGQA(torch.autograd.Function):
         return out, pk, pv
 
 
+class _ExportedSkipNorm(torch.autograd.Function):
+    """norm(x + skip) and x + skip, exported as one com.microsoft SkipSimplifiedLayerNormalization node (the
+    residual add and the next RMSNorm: onnxruntime's own optimizer does not fuse them on CPU). Export only."""
+
+    @staticmethod
+    def forward(ctx, x, skip, weight, eps):
+        s = x + skip
+        sf = s.float()
+        return weight * (sf * torch.rsqrt(sf.pow(2).mean(-1, keepdim=True) + eps)).to(s.dtype), s
+
+    @staticmethod
+    def symbolic(g, x, skip, weight, eps):
+        y, _, _, s = g.op("com.microsoft::SkipSimplifiedLayerNormalization", x, skip, weight, epsilon_f=eps,
+                          outputs=4)
+        y.setType(x.type())
+        s.setType(x.type())
+        return y, s
+
+
+def skip_norm(x: torch.Tensor, skip: torch.Tensor | None, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x + skip), x + skip): the residual add and the RMSNorm after it (skip None: norm(x), x)."""
+    if skip is None:
+        return norm(x), x
+    if torch.onnx.is_in_onnx_export():
+        return _ExportedSkipNorm.apply(x, skip, norm.weight, norm.eps)
+    s = x + skip
+    return norm(s), s
+
+
 def ropes_at(positions: list[torch.Tensor], head_dim: int, theta: float, max_pos: int,
              divisors: tuple[float, ...] = ()) -> list:
     """The rotation at each positions tensor (1, T): cos, sin (T, hd) for rotate(); while exporting, RopeTables
@@ -222,10 +251,14 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, q_rope, bias, buf_k, buf_v, total):
-        a, k, v = self.self_attn(self.input_layernorm(x), q_rope, bias, buf_k, buf_v, total)
-        x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x)), k, v
+    def forward(self, x, pending, q_rope, bias, buf_k, buf_v, total):
+        """x: the residual stream without `pending`, the block before's MLP output still to be added (None: x is
+        whole); each residual add goes with the norm after it (skip_norm). Returns x (without the MLP output),
+        the MLP output, and the buffers."""
+        h, x = skip_norm(x, pending, self.input_layernorm)
+        a, k, v = self.self_attn(h, q_rope, bias, buf_k, buf_v, total)
+        h, x = skip_norm(x, a, self.post_attention_layernorm)
+        return x, self.mlp(h), k, v
 
 
 class Backbone(nn.Module):
@@ -281,21 +314,23 @@ class CortexLM(nn.Module):
         (q_rope,) = ropes_at([q_pos], cfg.head_dim, cfg.rope_theta, max(lay.max_position, lay.capacity),
                              cfg.rope_freq_divisors)
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
-        new_k, new_v, feat, stats = [], [], None, None
+        new_k, new_v, feat, stats, pending = [], [], None, None, None
         rl = cfg.cms.row_layers(cfg.n_layers)
         for i, layer in enumerate(self.model.layers):
             b = row_bias if i in rl else bias
-            x, k, v = layer(x, q_rope, b, buf_keys[i], buf_values[i], total)
+            x, pending, k, v = layer(x, pending, q_rope, b, buf_keys[i], buf_values[i], total)
             new_k.append(k)
             new_v.append(v)
             if i == cfg.memory_layer:
+                x, pending = x + pending, None  # the read takes the block's whole output
                 if return_stats:
                     x, feat, stats = self.cms_read(x, mems, mem_keys, return_stats=True)
                 else:
                     x, feat = self.cms_read(x, mems, mem_keys)
+        h, _ = skip_norm(x, pending, self.model.norm)
         if logits_from is not None:
-            x = x[:, logits_from:]
-        logits = self.lm_head(self.model.norm(x))
+            h = h[:, logits_from:]
+        logits = self.lm_head(h)
         if return_stats:
             return logits, new_k, new_v, feat, stats
         return logits, new_k, new_v, feat
