@@ -1,6 +1,6 @@
 """A chat over one runtime state: turns in, streamed text out, committed whole or not at all.
 
-The state holds the whole conversation (attention ring + CMS memory), so a turn feeds only the
+The state holds the whole conversation (attention buffers + CMS memory), so a turn feeds only the
 tokens its template adds. A turn works on a copy of the state and replaces the live one only when
 it finishes; Ctrl-C (KeyboardInterrupt) mid-turn leaves the previous state untouched.
 What this leaves out: the terminal (cli.py) and the disk (session.py).

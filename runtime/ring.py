@@ -106,11 +106,16 @@ def plan_step(n_past: int, t: int, lay: Layout, row_mask: np.ndarray | None = No
     a = n_past + np.arange(t, dtype=np.int64)  # (T,) absolute index of each new token
     total = int(lay.index(n_past + t - 1, c0)) + 1
     bias = np.full((1, 1, t, total), NEG_INF, dtype=np.float32)
-    b_idx = np.arange(R, total)  # buffer rows of the sinks and the region
-    base = lay.base(c0)
-    b = np.where(b_idx < R + S, b_idx - R, b_idx - R + base)  # (total - R,) token held by each row
-    ok = (b[None, :] <= a[:, None]) & ((b[None, :] < S) | (a[:, None] - b[None, :] < W))
-    bias[0, 0, :, R:][ok] = 0.0
+    if t == 1:  # a decode step: the sinks that exist and one contiguous run of rows (a few slices, no masks)
+        bias[0, 0, 0, R:R + min(S, n_past + 1)] = 0.0
+        first = max(S, n_past - W + 1)
+        if first <= n_past:
+            bias[0, 0, 0, int(lay.index(first, c0)):total] = 0.0
+    else:
+        b_idx = np.arange(R, total)  # buffer rows of the sinks and the region
+        b = np.where(b_idx < R + S, b_idx - R, b_idx - R + lay.base(c0))  # (total - R,) token held by each row
+        ok = (b[None, :] <= a[:, None]) & ((b[None, :] < S) | (a[:, None] - b[None, :] < W))
+        bias[0, 0, :, R:][ok] = 0.0
     row_bias = None
     if row_mask is not None:
         row_bias = bias.copy()
