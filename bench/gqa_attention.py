@@ -9,7 +9,8 @@ window masks as attention_bias. The sinks and rows are written into the buffer a
 position the caller chooses, which is what lets them sit at a fixed distance from the query. Checked against a
 NumPy reference for decode and chunks (1, 5, 64 tokens), causal=1 and causal=0 (the chunk's causality then from
 the bias), then timed: median microseconds of a decode call with S + R + W rows in use.
-What this leaves out: the rest of the layer (the fused decode graph this is a part of is not built yet).
+Also timed in fp16 (buffers and kernel), the KV cache a fp16 store would run.
+What this leaves out: the rest of the layer (the exported graph: runtime/ring.py, cortex_edge/model/lm.py).
 """
 
 import argparse
@@ -42,7 +43,7 @@ def rot(x, pos):  # x (..., T, HD), pos (T,)
     return x * c + np.concatenate([-x[..., hh:], x[..., :hh]], -1) * s
 
 
-def build(causal):
+def build(causal, dt=TP.FLOAT):
     g = h.make_graph(
         [
             h.make_node(
@@ -58,22 +59,22 @@ def build(causal):
         ],
         "g",
         [
-            h.make_tensor_value_info("q", TP.FLOAT, [1, "T", NH * HD]),
-            h.make_tensor_value_info("k", TP.FLOAT, [1, "T", KVH * HD]),
-            h.make_tensor_value_info("v", TP.FLOAT, [1, "T", KVH * HD]),
-            h.make_tensor_value_info("pk", TP.FLOAT, [1, KVH, CAP, HD]),
-            h.make_tensor_value_info("pv", TP.FLOAT, [1, KVH, CAP, HD]),
+            h.make_tensor_value_info("q", dt, [1, "T", NH * HD]),
+            h.make_tensor_value_info("k", dt, [1, "T", KVH * HD]),
+            h.make_tensor_value_info("v", dt, [1, "T", KVH * HD]),
+            h.make_tensor_value_info("pk", dt, [1, KVH, CAP, HD]),
+            h.make_tensor_value_info("pv", dt, [1, KVH, CAP, HD]),
             h.make_tensor_value_info("seqlens_k", TP.INT32, [1]),
             h.make_tensor_value_info("total", TP.INT32, []),
-            h.make_tensor_value_info("cos", TP.FLOAT, [MAXP, HD // 2]),
-            h.make_tensor_value_info("sin", TP.FLOAT, [MAXP, HD // 2]),
+            h.make_tensor_value_info("cos", dt, [MAXP, HD // 2]),
+            h.make_tensor_value_info("sin", dt, [MAXP, HD // 2]),
             h.make_tensor_value_info("pos", TP.INT64, [1, "T"]),
-            h.make_tensor_value_info("bias", TP.FLOAT, [1, 1, "T", "L"]),
+            h.make_tensor_value_info("bias", dt, [1, 1, "T", "L"]),
         ],
         [
-            h.make_tensor_value_info("out", TP.FLOAT, [1, "T", NH * HD]),
-            h.make_tensor_value_info("ck", TP.FLOAT, [1, KVH, CAP, HD]),
-            h.make_tensor_value_info("cv", TP.FLOAT, [1, KVH, CAP, HD]),
+            h.make_tensor_value_info("out", dt, [1, "T", NH * HD]),
+            h.make_tensor_value_info("ck", dt, [1, KVH, CAP, HD]),
+            h.make_tensor_value_info("cv", dt, [1, KVH, CAP, HD]),
         ],
     )
     m = h.make_model(
@@ -108,14 +109,16 @@ def bind(sess, kv, vv, q, k, v, total, cos, sin, pos, bias):
     return b
 
 
-def run(causal, threads=2):
+def run(causal, threads=2, dt=np.float32):
+    """dt float16: the buffers, inputs and kernel in fp16 (what a KV cache in fp16 would run)."""
     o = ort.SessionOptions()
     o.intra_op_num_threads = threads
     o.log_severity_level = 3
-    sess = ort.InferenceSession(build(causal), o, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(build(causal, TP.FLOAT16 if dt == np.float16 else TP.FLOAT), o,
+                                providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
-    cos, sin = rope_tables(MAXP)
-    kbuf = np.zeros((1, KVH, CAP, HD), np.float32)
+    cos, sin = (x.astype(dt) for x in rope_tables(MAXP))
+    kbuf = np.zeros((1, KVH, CAP, HD), dt)
     vbuf = np.zeros_like(kbuf)
     used = S + R + 300  # rows in use: sinks, rows, 300 linear tokens
     kbuf[0, :, :used] = rng.standard_normal((KVH, used, HD))
@@ -124,27 +127,27 @@ def run(causal, threads=2):
     vv = ort.OrtValue.ortvalue_from_numpy(vbuf)
     errs = []
     for T in (1, 1, 5, 1, 64):
-        q = rng.standard_normal((1, T, NH * HD)).astype(np.float32)
-        k = rng.standard_normal((1, T, KVH * HD)).astype(np.float32)
-        v = rng.standard_normal((1, T, KVH * HD)).astype(np.float32)
+        q = rng.standard_normal((1, T, NH * HD)).astype(dt)
+        k = rng.standard_normal((1, T, KVH * HD)).astype(dt)
+        v = rng.standard_normal((1, T, KVH * HD)).astype(dt)
         pos = np.arange(used, used + T)[None].astype(np.int64)
         total = used + T
-        bias = np.zeros((1, 1, T, total), np.float32)
+        bias = np.zeros((1, 1, T, total), dt)
         bias[0, 0, :, S + 3] = -1e9  # a masked row
         bias[0, 0, :, S + R : S + R + 10] = -1e9  # linear tokens out of the window
         for t in range(T):
             bias[0, 0, t, used + t + 1 :] = -1e9  # causal within the chunk
-        kref = kv.numpy()[0, :, :used].copy()
-        vref = vv.numpy()[0, :, :used].copy()
-        knew = rot(k.reshape(T, KVH, HD).transpose(1, 0, 2), pos[0])
-        vnew = v.reshape(T, KVH, HD).transpose(1, 0, 2)
+        kref = kv.numpy()[0, :, :used].astype(np.float32)
+        vref = vv.numpy()[0, :, :used].astype(np.float32)
+        knew = rot(k.astype(np.float32).reshape(T, KVH, HD).transpose(1, 0, 2), pos[0])
+        vnew = v.astype(np.float32).reshape(T, KVH, HD).transpose(1, 0, 2)
         ref = reference(
-            q.reshape(T, NH, HD),
+            q.astype(np.float32).reshape(T, NH, HD),
             np.concatenate([kref, knew], 1),
             np.concatenate([vref, vnew], 1),
             total,
             pos[0],
-            bias[0, 0],
+            bias[0, 0].astype(np.float32),
         )
         b = bind(sess, kv, vv, q, k, v, total, cos, sin, pos, bias)
         sess.run_with_iobinding(b)
@@ -156,9 +159,9 @@ def run(causal, threads=2):
     print("causal", causal, "errors (T, out, new keys in place):", errs)
     # timing: decode at ~S+R+W used
     used = S + R + W
-    q = rng.standard_normal((1, 1, NH * HD)).astype(np.float32)
-    k = rng.standard_normal((1, 1, KVH * HD)).astype(np.float32)
-    bias = np.zeros((1, 1, 1, used + 1), np.float32)
+    q = rng.standard_normal((1, 1, NH * HD)).astype(dt)
+    k = rng.standard_normal((1, 1, KVH * HD)).astype(dt)
+    bias = np.zeros((1, 1, 1, used + 1), dt)
     b = bind(sess, kv, vv, q, k, k, used + 1, cos, sin, np.array([[used]], np.int64), bias)
     for _ in range(20):
         sess.run_with_iobinding(b)
@@ -168,8 +171,9 @@ def run(causal, threads=2):
         sess.run_with_iobinding(b)
         ts.append(time.perf_counter() - t0)
     us = float(1e6 * np.median(ts))
-    print(f"decode over {used} rows, {threads} threads: p50 {us:.1f} us")
+    print(f"{np.dtype(dt).name}: decode over {used} rows, {threads} threads: p50 {us:.1f} us")
     return {
+        "dtype": np.dtype(dt).name,
         "causal": causal,
         "threads": threads,
         "rows_in_use": used,
@@ -185,7 +189,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default="bench/results/gqa_attention.json")
     a = ap.parse_args()
-    rows = [run(c, a.threads) for c in (1, 0)]
+    rows = [run(c, a.threads) for c in (1, 0)] + [run(0, a.threads, np.float16)]
     rep = {
         "onnxruntime": ort.__version__,
         "shape": {
@@ -199,6 +203,7 @@ def main():
         },
         "runs": rows,
         "command": f"python bench/gqa_attention.py --threads {a.threads}",
+        "note": "float16: the buffers and the kernel in fp16 (a KV cache in fp16); errors against the fp32 reference",
     }
     with open(a.json, "w") as f:
         json.dump(rep, f, indent=1)
