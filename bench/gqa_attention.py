@@ -133,10 +133,11 @@ def run(causal, threads=2, dt=np.float32):
         pos = np.arange(used, used + T)[None].astype(np.int64)
         total = used + T
         bias = np.zeros((1, 1, T, total), dt)
-        bias[0, 0, :, S + 3] = -1e9  # a masked row
-        bias[0, 0, :, S + R : S + R + 10] = -1e9  # linear tokens out of the window
+        neg = -1e9 if dt == np.float32 else -6e4  # fp16 tops out at 65504
+        bias[0, 0, :, S + 3] = neg  # a masked row
+        bias[0, 0, :, S + R : S + R + 10] = neg  # linear tokens out of the window
         for t in range(T):
-            bias[0, 0, t, used + t + 1 :] = -1e9  # causal within the chunk
+            bias[0, 0, t, used + t + 1 :] = neg  # causal within the chunk
         kref = kv.numpy()[0, :, :used].astype(np.float32)
         vref = vv.numpy()[0, :, :used].astype(np.float32)
         knew = rot(k.astype(np.float32).reshape(T, KVH, HD).transpose(1, 0, 2), pos[0])
