@@ -3,13 +3,19 @@
 Stdlib only. Like gguf-py's constants.py, nothing else defines these strings; change one here and
 bump CONTRACT_VERSION. What this leaves out: shapes (see the table below, checked by tests).
 
-One graph serves decode (T = 1) and chunks (1 <= T <= C): a static T = 1 copy decoded no faster on
-SmolLM2 (measured back to back) and would hold every weight twice on disk and in RAM.
+One graph serves decode (T = 1) and chunks (1 < T <= C), one set of weights: its one top-level node is an
+`If` on T = 1 whose two branches read the weights from the outer scope (onnxruntime prepacks them once):
+  T = 1   the decode graph: each layer's attention one GroupQueryAttention over the buffer, written in place
+          (the runtime binds past and present to one OrtValue, and has written the sinks and rows rotated to
+          the token's frame, runtime/ring.py)
+  T > 1   the chunk graph: the exact attention (two rotations of the queries); present_key/value are then the
+          new tokens' rows only, (1, KV, T, hd), which the runtime writes into the buffer
 
 Graph signature (M = runtime/ring.py Layout.capacity: [R rows | S sinks | the recent tokens]):
 
   input_ids          (1, T)            int64    new tokens
   q_pos              (1, T)            int64    RoPE position of each new token (bounded, see runtime/ring.py)
+  sink_pos           (1, T)            int64    its position against the sinks and rows (chunks only)
   seqlens_k          (1,)              int32    total - 1, as GroupQueryAttention takes it
   total_len          ()                int32    buffer rows in use once the new tokens are written at
                                                 total - T .. total - 1 (every layer the same)
@@ -23,15 +29,17 @@ Graph signature (M = runtime/ring.py Layout.capacity: [R rows | S sinks | the re
   mem_key.{l}        (N_l, d_k)        float32  CMS level l keys
 ->
   logits             (1, T - logits_from, V) float32
-  present_key.{i}    (1, KV, M, hd)    float32  the buffers with the new rows written: the runtime binds past
-  present_value.{i}  (1, KV, M, hd)    float32  and present to one OrtValue, so the graph writes them in place
+  present_key.{i}    (1, KV, M, hd)    float32  T = 1: the buffers with the new rows written: the runtime binds
+  present_value.{i}  (1, KV, M, hd)    float32  past and present to one OrtValue, so the graph writes them in
+                                                place; T > 1: the new rows, (1, KV, T, hd)
   write_feat         (1, T, d_z)       float32  compressed hidden state per token (the jump map's input)
 """
 
 from __future__ import annotations
 
-CONTRACT_VERSION = 4  # 2: keys cached rotated (no win_pos), sink_q_pos, logits_from; 3: values cached transposed
-# (+ row_key, row_value, row_mask with a row level); 4: one buffer per layer, attention as GroupQueryAttention
+CONTRACT_VERSION = 5  # 2: keys cached rotated (no win_pos), sink_q_pos, logits_from; 3: values cached transposed
+# (+ row_key, row_value, row_mask with a row level); 4: one buffer per layer, attention as GroupQueryAttention;
+# 5: an If on T = 1: GroupQueryAttention for decode, the exact attention for chunks (+ sink_pos)
 BUNDLE_FORMAT = "cortex-edge-bundle"
 
 # ---- files inside a bundle
@@ -43,6 +51,7 @@ CMS_WRITE_WEIGHTS = "cms_write.safetensors"
 # ---- graph inputs
 INPUT_IDS = "input_ids"
 Q_POS = "q_pos"
+SINK_POS = "sink_pos"
 SEQLENS_K = "seqlens_k"
 TOTAL_LEN = "total_len"
 ATTN_BIAS = "attn_bias"
@@ -80,7 +89,7 @@ def present_value(i: int) -> str:
 
 
 def input_names(n_layers: int, n_levels: int, rows: bool = False) -> list[str]:
-    names = [INPUT_IDS, Q_POS, SEQLENS_K, TOTAL_LEN, ATTN_BIAS] + ([ROW_BIAS] if rows else []) + [LOGITS_FROM]
+    names = [INPUT_IDS, Q_POS, SINK_POS, SEQLENS_K, TOTAL_LEN, ATTN_BIAS] + ([ROW_BIAS] if rows else []) + [LOGITS_FROM]
     for i in range(n_layers):
         names += [past_key(i), past_value(i)]
     for level in range(n_levels):
@@ -123,8 +132,8 @@ DEFAULT_STATE = "int8"
 
 # ---- sessions (durable chat state)
 SESSION_MAGIC = "cortex-edge-session"
-SESSION_VERSION = 4  # 2: ring keys stored rotated in the frame of runtime/ring.py; 3: values transposed;
-# 4: the attention buffers of runtime/ring.py
+SESSION_VERSION = 5  # 2: ring keys stored rotated in the frame of runtime/ring.py; 3: values transposed;
+# 4: the attention buffers of runtime/ring.py; 5: their sinks and rows in the sinks' own frame
 # (a model with a row level adds rows.* tensors; its bundle's fingerprint differs from any model without one)
 SESSION_SUFFIX = ".cxs"
 

@@ -1,5 +1,8 @@
 """torch -> ONNX: one graph for 1 <= T <= C new tokens (decode and chunks), names from contract.py.
 
+The model is exported twice, a decode graph (T = 1, GroupQueryAttention) and a chunk graph (the exact
+attention), and the two become the branches of one If on T = 1 sharing every weight (quantize/branches.py).
+
 Design decision: the graph does the per-token work (transformer + CMS *read*); the CMS *write* (the
 jump map) runs in NumPy in the runtime, on the stored (possibly int8) state. The write happens once
 every C tokens on a few hundred KB, so it costs nothing to keep it out of the graph, and it lets the
@@ -25,10 +28,12 @@ OPSET = 20
 
 
 class GraphModule(nn.Module):
-    """CortexLM.step with flat, named inputs/outputs and batch 1. The output projection is untied."""
+    """CortexLM.step with flat, named inputs/outputs and batch 1. The output projection is untied.
+    gqa: the attention's form (Attention.forward): True for the decode graph, False for the chunk graph."""
 
-    def __init__(self, model: CortexLM):
+    def __init__(self, model: CortexLM, gqa: bool = False):
         super().__init__()
+        self.gqa = gqa
         m = copy.deepcopy(model).eval()
         if m.cfg.tie_embeddings:  # quantizers cannot handle a shared Gather/MatMul initializer well
             m.lm_head.weight = nn.Parameter(m.model.embed_tokens.weight.detach().clone())
@@ -37,7 +42,7 @@ class GraphModule(nn.Module):
             layer.mlp.fuse()
         self.m = m
 
-    def forward(self, input_ids, q_pos, seqlens_k, total_len, attn_bias, *rest):
+    def forward(self, input_ids, q_pos, sink_pos, seqlens_k, total_len, attn_bias, *rest):
         cfg = self.m.cfg
         L, lv = cfg.n_layers, cfg.cms.levels
         row_bias, rest = (rest[0], rest[1:]) if cfg.cms.rows else (None, rest)
@@ -47,8 +52,9 @@ class GraphModule(nn.Module):
         mems = [t.unsqueeze(0) for t in cms[0::2]]  # (1, N_l, d_l)
         keys = [t.unsqueeze(0) for t in cms[1::2]]
         assert len(mems) == lv
-        logits, nk, nv, feat = self.m.step(input_ids, q_pos, attn_bias, row_bias, GraphLengths(seqlens_k, total_len),
-                                           pk, pv, mems, keys, logits_from=logits_from)
+        logits, nk, nv, feat = self.m.step(input_ids, q_pos, sink_pos, attn_bias, row_bias,
+                                           GraphLengths(seqlens_k, total_len), pk, pv, mems, keys,
+                                           logits_from=logits_from, gqa=self.gqa)
         out = [logits]
         for k, v in zip(nk, nv):
             out += [k, v]
@@ -63,7 +69,7 @@ def example_inputs(cfg, t: int, n_past: int, seed: int = 0, logits_from: int = 0
     row_mask = np.where(rng.random((t, R)) < 0.5, 0.0, ring.NEG_INF).astype(np.float32) if R else None
     plan = ring.plan_step(n_past, t, lay, row_mask)
     feed = {contract.INPUT_IDS: rng.integers(0, cfg.vocab_size, (1, t)).astype(np.int64),
-            contract.Q_POS: plan.q_pos, contract.SEQLENS_K: np.array([plan.total - 1], np.int32),
+            contract.Q_POS: plan.q_pos, contract.SINK_POS: plan.sink_pos, contract.SEQLENS_K: np.array([plan.total - 1], np.int32),
             contract.TOTAL_LEN: np.array(plan.total, np.int32), contract.ATTN_BIAS: plan.bias,
             contract.LOGITS_FROM: np.array(logits_from, np.int64)}
     if R:
@@ -80,6 +86,7 @@ def example_inputs(cfg, t: int, n_past: int, seed: int = 0, logits_from: int = 0
 
 
 def run_torch(module: GraphModule, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The graph's outputs computed by torch (module.gqa must be the form the feed's T takes: T = 1)."""
     cfg = module.m.cfg
     names = contract.input_names(cfg.n_layers, cfg.cms.levels, bool(cfg.cms.rows))
     with torch.no_grad():
@@ -88,16 +95,36 @@ def run_torch(module: GraphModule, feed: dict[str, np.ndarray]) -> list[np.ndarr
 
 
 def export_graph(model: CortexLM, path: Path) -> None:
-    cfg = model.cfg
-    module = GraphModule(model)
-    t = 2  # >= 2, or the exporter freezes the size into the graph
-    feed = example_inputs(cfg, t, n_past=cfg.cms.chunk * (1 + cfg.window // cfg.cms.chunk) - t, logits_from=1)
+    """Write the model's graph to path: the decode and chunk graphs as one If (quantize/branches.py)."""
+    import onnx
+
+    from cortex_edge.quantize import branches
+
+    parts = {}
+    for which, gqa in ((branches.DECODE, True), (branches.CHUNK, False)):
+        part = path.with_name(f"{path.stem}.{which}.onnx")
+        _export_one(GraphModule(model, gqa), part, t=1 if gqa else 2)
+        parts[which] = onnx.load(str(part))
+        part.unlink()
+    onnx.save(branches.merge(parts[branches.DECODE], parts[branches.CHUNK]), str(path))
+
+
+def _export_one(module: GraphModule, path: Path, t: int) -> None:
+    """t: the example's new tokens. The chunk graph needs t >= 2 (the exporter freezes a size of 1 into the
+    graph); the decode graph is T = 1 by construction, so its sizes may be frozen."""
+    cfg = module.m.cfg
+    feed = example_inputs(cfg, t, n_past=cfg.cms.chunk * (1 + cfg.window // cfg.cms.chunk) - t,
+                          logits_from=t - 1)
     in_names = contract.input_names(cfg.n_layers, cfg.cms.levels, bool(cfg.cms.rows))
     out_names = contract.output_names(cfg.n_layers)
-    dyn = {contract.INPUT_IDS: {1: "T"}, contract.Q_POS: {1: "T"}, contract.ATTN_BIAS: {2: "T", 3: "total"},
-           contract.LOGITS: {1: "T_out"}, contract.WRITE_FEAT: {1: "T"}}
+    dyn = {contract.INPUT_IDS: {1: "T"}, contract.Q_POS: {1: "T"}, contract.SINK_POS: {1: "T"},
+           contract.ATTN_BIAS: {2: "T", 3: "total"}, contract.LOGITS: {1: "T_out"}, contract.WRITE_FEAT: {1: "T"}}
     if cfg.cms.rows:
         dyn[contract.ROW_BIAS] = {2: "T", 3: "total"}
+    if t >= 2:
+        for i in range(cfg.n_layers):
+            dyn[contract.present_key(i)] = {2: "T"}
+            dyn[contract.present_value(i)] = {2: "T"}
     args = tuple(torch.from_numpy(feed[n]) for n in in_names)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -27,29 +27,42 @@ ACCURACY_LEVEL = 4
 
 
 def quantize_graph(src: Path, dst: Path, weights: str, block_size: int = BLOCK_SIZE) -> dict:
-    """Quantize src -> dst. Returns a small report (MatMuls quantized, sizes)."""
+    """Quantize src -> dst. Returns a small report (MatMuls quantized, sizes). A graph made of two branches
+    (quantize/branches.py) has each branch quantized as a graph of its own, then the two merged again."""
     import onnx
 
+    from cortex_edge.quantize import branches
+
+    if weights not in ("fp32", "int8", "int4"):
+        raise ValueError(f"unknown weight format {weights!r}")
+    model = onnx.load(str(src))
     if weights == "fp32":
-        model = onnx.load(str(src))
         onnx.save(model, str(dst))
         return {"weights": "fp32", "matmuls_quantized": 0, "bytes": dst.stat().st_size}
-    if weights not in ("int8", "int4"):
-        raise ValueError(f"unknown weight format {weights!r}")
+    if branches.is_merged(model):
+        parts = branches.split(model)
+        done = {w: _quantize_model(m, weights, block_size) for w, m in parts.items()}
+        out, rep = branches.merge(done[branches.DECODE][0], done[branches.CHUNK][0]), done[branches.CHUNK][1]
+    else:
+        out, rep = _quantize_model(model, weights, block_size)
+    onnx.save(out, str(dst))
+    rep["bytes"] = dst.stat().st_size
+    return rep
+
+
+def _quantize_model(model, weights: str, block_size: int):
     bits = 8 if weights == "int8" else 4
-    model = onnx.load(str(src))
     exact = find_exact(model, block_size)
     out = matmul_nbits(model, bits, block_size, exclude=list(exact))
     encode_exact(out, exact, block_size)
     n = sum(1 for node in out.graph.node if node.op_type == "MatMulNBits")
     emb = embeddings_to_fp16(out)
-    onnx.save(out, str(dst))
     rep = {"weights": weights, "bits": bits, "block_size": block_size, "accuracy_level": ACCURACY_LEVEL,
-           "matmuls_quantized": n, "embedding": emb, "bytes": dst.stat().st_size}
+           "matmuls_quantized": n, "embedding": emb}
     grids = [g for g, *_ in exact.values()]
     rep["kept_exact"] = {"4-bit grid (Q4_1)": grids.count(4), "8-bit grid (Q8_0)": grids.count(8),
                          f"re-quantized to {bits} bits": n - len(exact)}
-    return rep
+    return out, rep
 
 
 def exact_grid(w, block_size: int = BLOCK_SIZE):

@@ -54,6 +54,7 @@ class State:
     events: int = 0
     prepared: int = -1  # the chunk start the buffers are laid out for (ring.py)
     sink_keys: np.ndarray | None = None  # (L, KV, S, hd) the sinks' keys in their own frame, once all are in
+    placed: int | None = 0  # the rotation the buffers' sinks and rows hold, from their own frame (None: unknown)
     views: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # derived fp32 (mem, keys)
     rows: rows_mod.RowState | None = None  # the row level (runtime/rows.py), when the model has one
     row_views: tuple[list[np.ndarray], list[np.ndarray]] | None = None  # derived fp32 (keys in the sinks' frame)
@@ -153,9 +154,9 @@ class Engine:
 
     def prepare(self, st: State, memory: bool = True) -> None:
         """Lay st's buffers out for the chunk its next token is in (ring.py), in place: move the recent tokens
-        when the region's base moves, rotate them when the frame moves, and write the sinks and the rows rotated
-        into the chunk's frame. Once per chunk (pieces never cross one); the torch reference is
-        TorchStream.prepare. memory=False: the rows are left out (sidecar off)."""
+        when the region's base moves, rotate them when the frame moves, and write the rows (place). Once per
+        chunk (pieces never cross one); the torch reference is TorchStream.prepare. memory=False: the rows are
+        left out (sidecar off)."""
         c, lay = self.cfg, self.lay
         S, R = c.sinks, lay.rows
         c0 = ring.chunk_start(st.n, lay.chunk)
@@ -172,25 +173,48 @@ class Engine:
             if d_frame:
                 k[:, :, R + S:used - d_base] = ring.rotate(k[:, :, R + S:used - d_base], -d_frame, c.rope_theta,
                                                            c.rope_freq_divisors)
-        if st.sink_keys is None and c0 >= S:  # every sink is in, written at its own position (delta was 0)
+        if st.sink_keys is None and c0 >= S and st.placed == 0:  # every sink is in, at its own position
             st.sink_keys = np.stack([k[0, :, R:R + S] for k in st.keys])
-        delta = lay.sink_delta(c0)
+        st.prepared = c0
+        st.placed = None  # the rows are written again below (place): they may have changed at the last event
+        self.place(st, 0, memory)
+
+    def place(self, st: State, delta: int, memory: bool = True) -> None:
+        """Write the sinks and the rows into st's buffers rotated by delta from their own frame: 0 for the exact
+        attention of chunks, ring.sink_delta(a) for GroupQueryAttention at a decode step of token a (which then
+        reads them at the same distances as the exact attention). Skipped when they already hold delta."""
+        if st.placed == delta:
+            return
+        c, R, S = self.cfg, self.lay.rows, self.cfg.sinks
+        rope = self._rope(delta)
         if st.sink_keys is not None and S:
-            sinks = ring.rotate(st.sink_keys, delta, c.rope_theta, c.rope_freq_divisors)
+            sinks = ring.rotate_with(st.sink_keys, *rope)
             for i, k in enumerate(st.keys):
                 k[0, :, R:R + S] = sinks[i]
         if R and len(self.row_layers):
             rk, rv = st.row_views if memory else self._empty_row_views()
             for j, i in enumerate(self.row_layers):
-                st.keys[i][0, :, :R] = ring.rotate(rk[j], delta, c.rope_theta, c.rope_freq_divisors)
+                st.keys[i][0, :, :R] = ring.rotate_with(rk[j], *rope)
                 st.values[i][0, :, :R] = rv[j]
-        st.prepared = c0
+        st.placed = delta
+
+    def _rope(self, delta: int) -> tuple[np.ndarray, np.ndarray]:
+        """ring.rope_angles(delta) in float32, kept for the deltas in use (a decode step's delta grows by one a
+        token; a frame holds at most 2W + C + D of them)."""
+        cache = self.__dict__.setdefault("_ropes", {})
+        if delta not in cache:
+            if len(cache) > 4096:
+                cache.clear()
+            c = self.cfg
+            cos, sin = ring.rope_angles(delta, c.head_dim, c.rope_theta, c.rope_freq_divisors)
+            cache[delta] = (cos.astype(np.float32), sin.astype(np.float32))
+        return cache[delta]
 
     # ------------------------------------------------------------------ stepping
     def _bind(self, st: State) -> tuple[ort.IOBinding, list]:
-        """One IO binding per state: each layer's past and present bound to the same OrtValue over st's arrays
-        (onnxruntime then writes the new rows into them in place; an OrtValue made from a NumPy array shares its
-        memory). Made again only when the arrays change (another state, a copy)."""
+        """One IO binding per state for decode steps: each layer's past and present bound to the same OrtValue
+        over st's arrays (onnxruntime then writes the new rows into them in place; an OrtValue made from a NumPy
+        array shares its memory). Made again only when the arrays change (another state, a copy)."""
         ids = [id(a) for a in st.keys + st.values]
         if self._binding is None or self._binding[0] != ids:
             b = self.sess.io_binding()
@@ -203,6 +227,20 @@ class Engine:
             self._binding = (ids, b, st.keys + st.values)  # the arrays held: their ids stay theirs
         return self._binding[1], self._binding[2]
 
+    def _bind_chunk(self, st: State, T: int) -> tuple[ort.IOBinding, list[np.ndarray]]:
+        """The binding of a chunk (T > 1): the buffers in, the new tokens' rows out into arrays of their own."""
+        c = self.cfg
+        b = self.sess.io_binding()
+        new = []
+        for i, (k, v) in enumerate(zip(st.keys, st.values)):
+            for past, present, a in ((contract.past_key(i), contract.present_key(i), k),
+                                     (contract.past_value(i), contract.present_value(i), v)):
+                b.bind_ortvalue_input(past, ort.OrtValue.ortvalue_from_numpy(a))
+                out = np.empty((1, c.n_kv_heads, T, c.head_dim), np.float32)
+                b.bind_ortvalue_output(present, ort.OrtValue.ortvalue_from_numpy(out))
+                new.append(out)
+        return b, new
+
     def _piece(self, st: State, ids: np.ndarray, memory: bool = True, all_logits: bool = True) -> np.ndarray:
         """ids (T,) within one chunk -> logits (T, V), or (1, V) of the last token; updates st.
         memory=False: sidecar off (reads see an empty memory, no writes), for ablations."""
@@ -214,9 +252,15 @@ class Engine:
             a = st.n + np.arange(T, dtype=np.int64)
             row_mask = rows_mod.mask(st.rows.token if memory else self._no_tokens(), a, c.window)
         plan = ring.plan_step(st.n, T, self.lay, row_mask)
-        b, _ = self._bind(st)
+        if T == 1:  # the decode branch: GroupQueryAttention, the sinks and rows rotated to the token's frame
+            self.place(st, self.lay.sink_delta(st.n), memory)
+            b, _ = self._bind(st)
+            new = None
+        else:  # the chunk branch: the exact attention, the sinks and rows in their own frame
+            self.place(st, 0, memory)
+            b, new = self._bind_chunk(st, T)
         feed = {contract.INPUT_IDS: ids.reshape(1, T).astype(np.int64), contract.Q_POS: plan.q_pos,
-                contract.SEQLENS_K: np.array([plan.total - 1], np.int32),
+                contract.SINK_POS: plan.sink_pos, contract.SEQLENS_K: np.array([plan.total - 1], np.int32),
                 contract.TOTAL_LEN: np.array(plan.total, np.int32), contract.ATTN_BIAS: plan.bias,
                 contract.LOGITS_FROM: np.array(0 if all_logits else T - 1, np.int64)}
         if plan.row_bias is not None:
@@ -234,6 +278,10 @@ class Engine:
         b.bind_ortvalue_output(contract.LOGITS, ort.OrtValue.ortvalue_from_numpy(logits))
         b.bind_ortvalue_output(contract.WRITE_FEAT, ort.OrtValue.ortvalue_from_numpy(feat))
         self.sess.run_with_iobinding(b)
+        if new is not None:  # the chunk's rows, into the buffers where GroupQueryAttention would have put them
+            p0 = plan.total - T
+            for a, n in zip([x for kv in zip(st.keys, st.values) for x in kv], new):
+                a[:, :, p0:plan.total] = n
         logits, feat = logits[0], feat[0]  # (T or 1, V), (T, d_z)
         for t in range(T):  # token by token: the same summation order whatever the piece size
             st.acc += feat[t]

@@ -25,10 +25,13 @@ rotated in a frame fr that moves by W at chunk starts, keeping positions bounded
   fr(c0)   = W * floor(base(c0) / W)                     rotary frame
   token a of the chunk at c0       rotary position a - fr(c0)   (window distances a - b exact)
   on a frame move fr -> fr'        the region's keys are rotated by fr - fr' (once per W tokens)
-  sinks and rows                   rotated so that, at the chunk's first token, sink s sits S + W - 1 - s back
-                                   (s back while the window fills) and the rows where rows.read_position
-                                   puts them; later tokens of the chunk see them up to C - 1 farther
-                                   (sink_delta: the rotation from the sinks' own frame)
+  sinks and rows                   held in the sinks' own frame (sink s at position s, the rows where
+                                   rows.read_position puts them); a token a reads them from its sink position
+                                   min(a, S + W - 1) (`sink_pos`): sink s min(a - s, S + W - 1 - s) back.
+                                   The exact attention (chunks) rotates its queries twice, to a's position
+                                   and to its sink position. GroupQueryAttention (decode) rotates once, so
+                                   for a decode step the runtime writes the sinks and rows rotated by
+                                   sink_delta(a) into the buffer first: the same distances.
   largest position used            S + W + C + D - 3 + W (`max_position`)
 
 Chunks (C tokens, the memory's write period) are also the unit of everything that moves: pieces never cross
@@ -74,10 +77,10 @@ class Layout:
         a = np.asarray(a, dtype=np.int64)
         return np.where(a < self.sinks, self.rows + a, self.rows + a - self.base(c0))
 
-    def sink_delta(self, c0: int) -> int:
-        """Rotation from the sinks' own frame (sink s at position s, the query at min(c0, S + W - 1)) to the
-        frame of the chunk at c0: the sinks and rows are stored rotated by this in the buffer."""
-        return c0 - self.frame(c0) - min(c0, self.sinks + self.window - 1)
+    def sink_delta(self, a: int) -> int:
+        """Rotation from the sinks' own frame (sink s at position s, the query at min(a, S + W - 1)) to token
+        a's frame (its chunk's): a decode step at a reads the sinks and rows rotated by this."""
+        return a - self.frame(chunk_start(a, self.chunk)) - min(a, self.sinks + self.window - 1)
 
     @property
     def max_position(self) -> int:
@@ -92,6 +95,7 @@ def chunk_start(n: int, chunk: int) -> int:
 @dataclass(frozen=True)
 class StepPlan:
     q_pos: np.ndarray  # (1, T) int64: rotary position of each new token (queries and the keys it stores)
+    sink_pos: np.ndarray  # (1, T) int64: each new token's position against the sinks and rows (their frame)
     total: int  # buffer rows in use once the new tokens are written (they go to total - T .. total - 1)
     bias: np.ndarray  # (1, 1, T, total) float32: additive, rows masked (layers without the row level)
     row_bias: np.ndarray | None  # (1, 1, T, total) float32: the same with the row level's visibility, or None
@@ -120,7 +124,8 @@ def plan_step(n_past: int, t: int, lay: Layout, row_mask: np.ndarray | None = No
     if row_mask is not None:
         row_bias = bias.copy()
         row_bias[0, 0, :, :R] = row_mask
-    return StepPlan(q_pos=(a - lay.frame(c0))[None], total=total, bias=bias, row_bias=row_bias)
+    return StepPlan(q_pos=(a - lay.frame(c0))[None], sink_pos=np.minimum(a, S + W - 1)[None], total=total,
+                    bias=bias, row_bias=row_bias)
 
 
 def rope_angles(delta: int, head_dim: int, theta: float, divisors: tuple = ()) -> tuple[np.ndarray, np.ndarray]:
@@ -152,3 +157,12 @@ def split_pieces(n_past: int, n_new: int, chunk: int) -> list[int]:
         pos += take
         left -= take
     return pieces
+
+
+def rotate_with(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """rotate() with the angles given (rope_angles', in x's dtype): x (..., hd)."""
+    h = x.shape[-1] // 2
+    out = x * cos
+    out[..., :h] -= x[..., h:] * sin[:h]
+    out[..., h:] += x[..., :h] * sin[h:]
+    return out

@@ -212,6 +212,7 @@ def _parse(data: bytes, engine: Engine, expect: dict[str, np.ndarray]) -> tuple[
     st.values = [np.array(a) for a in st.values]
     st.prepared = chunk_start(n - 1, chunk) if n else -1  # the layout the last piece ran in (ring.py)
     st.sink_keys = np.array(t["sinks"]) if st.prepared >= cfg.sinks else None
+    st.placed = None  # the sinks and rows may be rotated for a decode step: written again before the next one
     used = st.used(engine.lay)
     if any(np.any(a[:, :, used:]) for a in st.keys + st.values):
         raise SessionError("session file buffers hold tokens its counters say it has not seen")

@@ -30,10 +30,10 @@ def test_graphs_fresh_random_inputs(tiny, bundle_fp32):
 
     model = tiny[0]
     cfg = model.cfg
-    module = GraphModule(model)
-    sess = ort.InferenceSession(str(bundle_fp32 / contract.GRAPH), providers=["CPUExecutionProvider"])
     C = cfg.cms.chunk
-    for t in (1, C, 5):
+    modules = {t: GraphModule(model, gqa=t == 1) for t in (1, C, 5)}  # T = 1: the decode branch
+    sess = ort.InferenceSession(str(bundle_fp32 / contract.GRAPH), providers=["CPUExecutionProvider"])
+    for t, module in modules.items():
         for n_past in (0, 2, 51, 10**6):
             n_past -= n_past % C if n_past % C + t > C else 0  # a step never crosses a chunk
             for first in {0, t - 1}:  # logits of every new token, or of the last only
@@ -46,7 +46,8 @@ def test_graphs_fresh_random_inputs(tiny, bundle_fp32):
 
 def test_graph_at_the_largest_rotary_position(tiny, bundle_fp32):
     """The exported rotation reads cos/sin tables (lm.ropes_at, positions 0..Layout.max_position): the chunk that
-    reaches the largest position a stream takes (found by walking the plans) is within them and matches torch."""
+    reaches the largest position a stream takes (found by walking the plans) is within them and matches torch,
+    and so does the decode step at that position."""
     import onnxruntime as ort
 
     from cortex_edge.export.onnx_export import GraphModule, example_inputs, run_torch
@@ -58,9 +59,12 @@ def test_graph_at_the_largest_rotary_position(tiny, bundle_fp32):
     top, n_past = max((int(ring.plan_step(n, C, lay).q_pos.max()), n) for n in range(0, 20 * cfg.window, C))
     assert cfg.window < top <= lay.max_position
     sess = ort.InferenceSession(str(bundle_fp32 / contract.GRAPH), providers=["CPUExecutionProvider"])
-    feed = example_inputs(cfg, C, n_past, seed=5)
-    for got, ref in zip(sess.run(contract.output_names(cfg.n_layers), feed), run_torch(GraphModule(model), feed)):
-        np.testing.assert_allclose(got, ref, atol=contract.ATOL_FP32_LOGITS, rtol=0)
+    for t, n, gqa in ((C, n_past, False), (1, n_past + C - 1, True)):
+        feed = example_inputs(cfg, t, n, seed=5)
+        assert int(feed[contract.Q_POS].max()) == top
+        for got, ref in zip(sess.run(contract.output_names(cfg.n_layers), feed),
+                            run_torch(GraphModule(model, gqa), feed)):
+            np.testing.assert_allclose(got, ref, atol=contract.ATOL_FP32_LOGITS, rtol=0)
 
 
 def _stream(tiny, ids):

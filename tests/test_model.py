@@ -60,8 +60,7 @@ def test_chunk_equals_token_by_token(kw):
 def _naive_streaming_logits(model, ids):
     """StreamingLLM written out: keep every token's un-rotated K/V; each query attends to the sinks
     and the last W tokens, rotated by explicit relative distances. No buffer, no masks, no plan.
-    A sink is seen from the position its chunk's first token c0 takes against it (c0, or S + W - 1 once the
-    window is full), plus the query's distance from c0 (runtime/ring.py)."""
+    A sink s is seen min(a - s, S + W - 1 - s) back (runtime/ring.py)."""
     import torch
 
     from cortex_edge.model.lm import rope_cos_sin, rotate
@@ -81,8 +80,7 @@ def _naive_streaming_logits(model, ids):
             vs[li].append(att.v_proj(h).view(cfg.n_kv_heads, hd))
             visible = sorted(set(range(min(S, a + 1))) | set(range(max(S, a - W + 1), a + 1)))
             P = 1000  # any query position: only distances matter
-            c0 = a - a % cfg.cms.chunk
-            dist = [min(c0, S + W - 1) + a - c0 - b if b < S else a - b for b in visible]
+            dist = [min(a - b, S + W - 1 - b) if b < S else a - b for b in visible]
             cq, sq = rope_cos_sin(torch.tensor(P), hd, cfg.rope_theta)
             ck, sk = rope_cos_sin(torch.tensor([P - d for d in dist]), hd, cfg.rope_theta)
             qr = rotate(q, cq, sq)  # (H, hd)

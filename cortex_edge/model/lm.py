@@ -186,13 +186,21 @@ class Attention(nn.Module):
             self.qkv_proj.bias.copy_(torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]))
         del self.q_proj, self.k_proj, self.v_proj
 
-    def forward(self, x, q_rope, bias, buf_k, buf_v, total):
-        """x (B, T, D); q_rope: ropes_at's rotation at the new tokens' positions; buf_k, buf_v (B, KV, M, hd): the
-        layer's buffer (runtime/ring.py: [rows | sinks | recent tokens], keys stored rotated); total: the rows in
-        use once the new tokens are written at total - T .. total - 1 (an int; GraphLengths while exporting);
-        bias (1, 1, T, total) additive. Returns the output (B, T, D) and the buffers with the new rows written.
-        Exported, the whole attention (rotation, cache write, scores, softmax, values) is one GroupQueryAttention
-        node over the buffer, written in place: the layer's only operator between its two projections."""
+    def forward(self, x, q_rope, sink_rope, bias, buf_k, buf_v, total, gqa: bool = False):
+        """x (B, T, D); q_rope, sink_rope: ropes_at's rotations at the new tokens' positions and at their sink
+        positions; buf_k, buf_v (B, KV, M, hd): the layer's buffer (runtime/ring.py: [rows | sinks | recent
+        tokens], keys stored rotated); total: the rows in use once the new tokens are written at
+        total - T .. total - 1 (an int; GraphLengths while exporting); bias (1, 1, T, total) additive.
+
+        Two forms of the same maths (contract.py):
+          gqa=False  the exact form, every T (the chunk graph, and the reference): the recent tokens seen from
+                     each query's position, the sinks and rows (stored in the sinks' own frame) from each
+                     query's sink position: two rotations of the query, two score matmuls, one softmax.
+                     Returns the output, the new keys (rotated) and values (B, KV, T, hd): the caller writes them.
+          gqa=True   one GroupQueryAttention over the buffer, written in place (the decode graph, T = 1): the
+                     kernel rotates the query once, so the runtime has written the sinks and rows rotated to
+                     the token's own frame first (ring.sink_delta); then this is the exact form's maths.
+                     Returns the output and the buffers with the new rows written."""
         cfg = self.cfg
         B = graph_batch(x)
         H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -200,16 +208,66 @@ class Attention(nn.Module):
             qkv = self.qkv_proj(x)
         else:
             qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)  # (B, T, (H + 2KV) hd)
-        if isinstance(q_rope, RopeTables):
+        if gqa and isinstance(q_rope, RopeTables):
             o, pk, pv = _ExportedGQA.apply(qkv, buf_k, buf_v, total.seqlens_k, total.total, q_rope.pos, q_rope.cos,
                                            q_rope.sin, bias, H, KV)
-        else:
-            if isinstance(total, GraphLengths):  # the graph module run eagerly (export validation)
-                total = int(total.total)
-            q, k, v = qkv.view(B, -1, H + 2 * KV, hd).transpose(1, 2).split([H, KV, KV], dim=1)  # (B, *, T, hd)
-            o, pk, pv = gqa_reference(rotate(q, *q_rope), rotate(k, *q_rope), v, buf_k, buf_v, total, bias,
+            return self.o_proj(o), pk, pv
+        if isinstance(total, GraphLengths) and not torch.onnx.is_in_onnx_export():
+            total = int(total.total)  # the graph module run eagerly (export validation)
+        q, k, v = qkv.view(B, -1, H + 2 * KV, hd).transpose(1, 2).split([H, KV, KV], dim=1)  # (B, *, T, hd)
+        qc, sc = rope_of(q_rope), rope_of(sink_rope)
+        if gqa:
+            o, pk, pv = gqa_reference(rotate(q, *qc), rotate(k, *qc), v, buf_k, buf_v, total, bias,
                                       1.0 / math.sqrt(hd))
-        return self.o_proj(o), pk, pv
+            return self.o_proj(o), pk, pv
+        k = rotate(k, *qc)
+        o = exact_attention(rotate(q, *qc), rotate(q, *sc), k, v, buf_k, buf_v, total, bias,
+                            cfg.cms.rows + cfg.sinks, 1.0 / math.sqrt(hd))
+        return self.o_proj(o), k, v
+
+
+def rope_of(r):
+    """cos, sin (T, hd) of a rotation: ropes_at's pair, or gathered from its tables while exporting."""
+    if isinstance(r, RopeTables):
+        cos, sin = r.cos[r.pos[0]], r.sin[r.pos[0]]
+        return torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
+    return r
+
+
+class _ExportedHead(torch.autograd.Function):
+    """buf[:, :, :total - T] with total a graph tensor (a traced slice would freeze it). Export only."""
+
+    @staticmethod
+    def forward(ctx, buf, total, new):
+        return buf[:, :, :int(total) - new.shape[2]]
+
+    @staticmethod
+    def symbolic(g, buf, total, new):
+        t = g.op("Gather", g.op("Shape", new), g.op("Constant", value_t=torch.tensor([2])))
+        end = g.op("Sub", g.op("Reshape", g.op("Cast", total, to_i=7), g.op("Constant", value_t=torch.tensor([1]))), t)
+        out = g.op("Slice", buf, g.op("Constant", value_t=torch.tensor([0])), end,
+                   g.op("Constant", value_t=torch.tensor([2])))
+        return out
+
+
+def exact_attention(q, qs, k, v, buf_k, buf_v, total, bias, fixed: int, scale: float):
+    """The exact form of the attention. q, qs (B, H, T, hd): the queries rotated at their positions and at their
+    sink positions; k, v (B, KV, T, hd) the new tokens' (k rotated); buf_k, buf_v (B, KV, M, hd), rows
+    0 .. total - T - 1 in use before them; the first `fixed` rows (rows and sinks, in the sinks' own frame) are
+    scored with qs, the rest with q. bias (1, 1, T, total). Head h reads KV head h // (H / KV) (HF repeat_kv).
+    Returns the output (B, T, H * hd)."""
+    B, (H, T, hd), KV = graph_batch(q), q.shape[1:], k.shape[1]
+    G = H // KV
+    if isinstance(total, GraphLengths):
+        pk, pv = _ExportedHead.apply(buf_k, total.total, k), _ExportedHead.apply(buf_v, total.total, v)
+    else:
+        pk, pv = buf_k[:, :, :total - T], buf_v[:, :, :total - T]
+    keys, values = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)  # (B, KV, total, hd)
+    q, qs = q.reshape(B, KV, -1, hd), qs.reshape(B, KV, -1, hd)  # head kv * G + g, token t: row g * T + t
+    s = torch.cat([torch.matmul(qs, keys[:, :, :fixed].transpose(-1, -2)),
+                   torch.matmul(q, keys[:, :, fixed:].transpose(-1, -2))], dim=-1) * scale + bias.repeat(1, 1, G, 1)
+    o = torch.matmul(torch.softmax(s, dim=-1), values)  # (B, KV, G * T, hd)
+    return o.reshape(B, H, -1, hd).transpose(1, 2).reshape(B, -1, H * hd)
 
 
 ACT = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -251,12 +309,12 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, pending, q_rope, bias, buf_k, buf_v, total):
+    def forward(self, x, pending, q_rope, sink_rope, bias, buf_k, buf_v, total, gqa: bool = False):
         """x: the residual stream without `pending`, the block before's MLP output still to be added (None: x is
         whole); each residual add goes with the norm after it (skip_norm). Returns x (without the MLP output),
         the MLP output, and the buffers."""
         h, x = skip_norm(x, pending, self.input_layernorm)
-        a, k, v = self.self_attn(h, q_rope, bias, buf_k, buf_v, total)
+        a, k, v = self.self_attn(h, q_rope, sink_rope, bias, buf_k, buf_v, total, gqa)
         h, x = skip_norm(x, a, self.post_attention_layernorm)
         return x, self.mlp(h), k, v
 
@@ -301,24 +359,28 @@ class CortexLM(nn.Module):
                 p.copy_(torch.randn(p.shape, generator=g) * s)
         return self
 
-    def step(self, input_ids, q_pos, bias, row_bias, total, buf_keys, buf_values, mems, mem_keys,
-             return_stats: bool = False, logits_from: torch.Tensor | None = None):
-        """The graph. input_ids (B, T); q_pos (1, T); bias, row_bias (1, 1, T, total): visibility in the layers
+    def step(self, input_ids, q_pos, sink_pos, bias, row_bias, total, buf_keys, buf_values, mems, mem_keys,
+             return_stats: bool = False, logits_from: torch.Tensor | None = None, gqa: bool = False):
+        """The graph. input_ids (B, T); q_pos, sink_pos (1, T): each token's position and sink position
+        (runtime/ring.py); bias, row_bias (1, 1, T, total): visibility in the layers
         without and with the row level (runtime/ring.py; row_bias None without a row level); total: buffer rows in
         use after the step (int, or GraphLengths while exporting); buf_keys[i], buf_values[i] (B, KV, M, hd) the
         layers' buffers, keys stored rotated; mems[l] (B, N_l, d_l); mem_keys[l] (B, N_l, d_k).
         logits_from: () int64, logits of tokens logits_from.. only (None: all).
-        Returns logits (B, T, V), the buffers with the new tokens' rows written, and write_feat (B, T, d_z)."""
+        gqa: the attention's form (Attention.forward): False, the exact form; True, GroupQueryAttention's
+        (T = 1, the sinks and rows written into the buffers rotated to the token's frame, sink_pos unused).
+        Returns logits (B, T, V), the new tokens' keys and values (B, KV, T, hd) (gqa: the buffers with them
+        written), and write_feat (B, T, d_z)."""
         cfg = self.cfg
         lay = ring.Layout.of(cfg)  # tables over every position, and at least the buffer's rows (onnxruntime asks so)
-        (q_rope,) = ropes_at([q_pos], cfg.head_dim, cfg.rope_theta, max(lay.max_position, lay.capacity),
+        q_rope, sink_rope = ropes_at([q_pos, sink_pos], cfg.head_dim, cfg.rope_theta, max(lay.max_position, lay.capacity),
                              cfg.rope_freq_divisors)
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         new_k, new_v, feat, stats, pending = [], [], None, None, None
         rl = cfg.cms.row_layers(cfg.n_layers)
         for i, layer in enumerate(self.model.layers):
             b = row_bias if i in rl else bias
-            x, pending, k, v = layer(x, pending, q_rope, b, buf_keys[i], buf_values[i], total)
+            x, pending, k, v = layer(x, pending, q_rope, sink_rope, b, buf_keys[i], buf_values[i], total, gqa)
             new_k.append(k)
             new_v.append(v)
             if i == cfg.memory_layer:
@@ -337,8 +399,9 @@ class CortexLM(nn.Module):
 
 
 class TorchStream:
-    """Drives CortexLM.step like the runtime drives the graph: the buffers of runtime/ring.py (moved, re-rotated
-    and given their sinks and rows at each chunk start), a memory event every C tokens.
+    """Drives CortexLM.step like the runtime drives the graph, in the exact form of the attention throughout: the
+    buffers of runtime/ring.py (moved, re-rotated and given their rows at each chunk start), the new rows written
+    after each piece, a memory event every C tokens.
 
     Differentiable when built with grad enabled (training backpropagates through memory across chunks).
     """
@@ -350,7 +413,6 @@ class TorchStream:
         M = self.lay.capacity
         self.keys = [torch.zeros(batch, cfg.n_kv_heads, M, cfg.head_dim) for _ in range(cfg.n_layers)]
         self.values = [torch.zeros(batch, cfg.n_kv_heads, M, cfg.head_dim) for _ in range(cfg.n_layers)]
-        self.sink_k: list[torch.Tensor] | None = None  # the sinks' keys in their own frame, once all are in
         self.prepared = -1  # the chunk start the buffers are laid out for
         self.mems, self.mem_keys, self.usage = empty_state(cfg.cms, batch)
         self.n = 0  # tokens seen
@@ -390,8 +452,8 @@ class TorchStream:
 
     def prepare(self) -> None:
         """Lay the buffers out for the chunk the next token is in (runtime/ring.py): move the recent tokens when
-        the region's base moves, rotate them when the frame moves, and write the sinks and the rows rotated
-        into the chunk's frame. Once per chunk; pieces never cross one."""
+        the region's base moves, rotate them when the frame moves, and write the rows (in the sinks' own frame,
+        where the exact attention reads them and the sinks). Once per chunk; pieces never cross one."""
         lay, S, R = self.lay, self.cfg.sinks, self.lay.rows
         c0 = ring.chunk_start(self.n, lay.chunk)
         if self.prepared == c0:
@@ -406,17 +468,11 @@ class TorchStream:
         if d_frame:
             self.keys = [torch.cat([k[:, :, :R + S], self._rotate(k[:, :, R + S:], -d_frame)], dim=2)
                          for k in self.keys]
-        if self.sink_k is None and c0 >= S:  # every sink is in, written at its own position (delta was 0)
-            self.sink_k = [k[:, :, R:R + S] for k in self.keys]
-        delta = lay.sink_delta(c0)
-        if self.sink_k is not None:
-            self.keys = [torch.cat([k[:, :, :R], self._rotate(s, delta), k[:, :, R + S:]], dim=2)
-                         for k, s in zip(self.keys, self.sink_k)]
         rl = self.cfg.cms.row_layers(self.cfg.n_layers)
-        if R and len(rl):
+        if R and len(rl):  # the rows in the sinks' own frame (the sinks are stored in it: they never move)
             rk = self.row_keys_read()
             for j, i in enumerate(rl):
-                self.keys[i] = torch.cat([self._rotate(rk[j], delta), self.keys[i][:, :, R:]], dim=2)
+                self.keys[i] = torch.cat([rk[j], self.keys[i][:, :, R:]], dim=2)
                 self.values[i] = torch.cat([self.row_v[j], self.values[i][:, :, R:]], dim=2)
         self.prepared = c0
 
@@ -433,11 +489,15 @@ class TorchStream:
                                    0.0, float(ring.NEG_INF)).numpy()
             assert self.batch == 1 or not torch.any(tok >= 0), "rows reads are batch 1 (training caches its own)"
         plan = ring.plan_step(self.n, T, self.lay, row_mask)
-        out = self.model.step(ids, torch.from_numpy(plan.q_pos), torch.from_numpy(plan.bias),
+        out = self.model.step(ids, torch.from_numpy(plan.q_pos), torch.from_numpy(plan.sink_pos),
+                              torch.from_numpy(plan.bias),
                               None if plan.row_bias is None else torch.from_numpy(plan.row_bias), plan.total,
                               self.keys, self.values, self.mems, self.mem_keys,
                               return_stats=self.read_log is not None)
-        logits, self.keys, self.values, feat = out[:4]
+        logits, nk, nv, feat = out[:4]
+        p0 = plan.total - T  # the new rows go to p0 .. total - 1, as the runtime writes them
+        self.keys = [torch.cat([k[:, :, :p0], n, k[:, :, plan.total:]], dim=2) for k, n in zip(self.keys, nk)]
+        self.values = [torch.cat([v[:, :, :p0], n, v[:, :, plan.total:]], dim=2) for v, n in zip(self.values, nv)]
         if self.read_log is not None:
             self.read_log.append(out[4])
         for i in range(T):  # token by token, the same summation order as the runtime
