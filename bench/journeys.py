@@ -5,7 +5,7 @@
 Each of 8 journeys states one fact ("My cat is called Pixel.", the CLI test's own, then seven others), pastes
 four passages of KJV Genesis as turns ("Here is a passage I am reading: … What do you think of it?"; about 1,600
 tokens, so the fact has left the 1,024-token window), then asks for it; greedy with the CLI's repeat penalty
-(1.1), 24 new tokens a turn, in-process through the chat code. Counted when the answer holds the value whole.
+(1.1), 24 new tokens a turn, in-process through the chat code (bench/row_placement.py's journey). Counted when the answer holds the value whole.
 --max-piece 1 feeds every prompt token by token (the same maths wherever chunk == token by token holds).
 What this leaves out: sessions between turns (the CLI test itself), sampling.
 """
@@ -15,11 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from cortex_edge.runtime import memory_tasks as mt
+from row_placement import journey
+
 from cortex_edge.runtime.bundle import load_bundle
-from cortex_edge.runtime.chat import Chat
 from cortex_edge.runtime.engine import Engine
-from cortex_edge.runtime.sampling import Sampling
 
 FACTS = [("My cat is called Pixel.", "What is my cat called?", "Pixel"),
          ("My dog is called Rufus.", "What is my dog called?", "Rufus"),
@@ -42,19 +41,12 @@ def main():
     if a.max_piece:
         feed = eng.feed
         eng.feed = lambda st, ids, max_piece=None, **kw: feed(st, ids, max_piece=a.max_piece, **kw)
-    s = Sampling(temperature=0.0, seed=0, repeat_penalty=1.1)
-    verses = mt.genesis_verses()
     rows = []
     for v, (fact, question, value) in enumerate(FACTS):
-        c = Chat(eng)
-        "".join(c.turn(fact, s, max_new_tokens=24))
-        for i in range(4):
-            k = 40 * i + 5 * v
-            "".join(c.turn("Here is a passage I am reading: " + " ".join(verses[k:k + 12])
-                           + " What do you think of it?", s, max_new_tokens=24))
-        answer = "".join(c.turn(question, s, max_new_tokens=24))
-        rows.append({"fact": fact, "tokens": c.state.n, "answer": answer, "correct": mt.answer_contains(answer, value)})
-        print(f"{v}: {c.state.n} tokens, {'right' if rows[-1]['correct'] else 'wrong'}: {answer[:60]!r}", flush=True)
+        r = journey(eng, [fact], [(question, value)], 4, first_verse=5 * v, answer_tokens=24)[0]
+        rows.append({"fact": fact, "tokens": r["tokens"], "answer": r["answer"], "correct": r["correct"]})
+        print(f"{v}: {r['tokens']} tokens before the question, {'right' if r['correct'] else 'wrong'}: "
+              f"{r['answer'][:60]!r}", flush=True)
     right = sum(r["correct"] for r in rows)
     print(f"{right} of {len(rows)} journeys recall their fact")
     if a.json:

@@ -37,20 +37,25 @@ THREE = (["My cat is called Pixel.", "My locker code is 4821.", "I grew up in Ta
           ("Which city did I grow up in?", "Tallinn")], 5)
 
 
-def journey(engine: Engine, facts, questions, passages: int) -> list[dict]:
+def journey(engine: Engine, facts, questions, passages: int, first_verse: int = 0,
+            answer_tokens: int = 12) -> list[dict]:
+    """Facts told, `passages` turns pasting Genesis from verse first_verse on, then each question from the same
+    state (greedy, the CLI's repeat penalty). Returns per question its answer, whether it holds the value whole, and
+    the tokens before it."""
     c = Chat(engine)
     s = Sampling(temperature=0.0, seed=0, repeat_penalty=1.1)
     for f in facts:
         "".join(c.turn(f, s, max_new_tokens=24))
     verses = mt.genesis_verses()
     for i in range(passages):
-        "".join(c.turn("Here is a passage I am reading: " + " ".join(verses[40 * i:40 * i + 12])
+        k = first_verse + 40 * i
+        "".join(c.turn("Here is a passage I am reading: " + " ".join(verses[k:k + 12])
                        + " What do you think of it?", s, max_new_tokens=24))
     st, out = c.state, []
     for q, value in questions:
         c.state = st.copy()
-        a = "".join(c.turn(q, s, max_new_tokens=12))
-        out.append({"question": q, "answer": a, "correct": mt.answer_contains(a, value)})
+        a = "".join(c.turn(q, s, max_new_tokens=answer_tokens))
+        out.append({"question": q, "answer": a, "correct": mt.answer_contains(a, value), "tokens": st.n})
     return out
 
 
