@@ -27,6 +27,16 @@ def _rows_model(place: str = "slot"):
     with torch.no_grad():  # a gate that lets about half the tokens in
         m.cms_write.rows.gate.weight.normal_(0.0, 2.0, generator=torch.Generator().manual_seed(1))
         m.cms_write.rows.gate.bias.fill_(0.0)
+    if place == "recency":  # made as the default chat is: a backbone without rows, then the sidecar attached
+        from cortex_edge.config import tiny_config
+        from cortex_edge.model import rows_train
+
+        w = m.cms_write.rows
+        tensors = {"cms_read.norm_in.weight": m.cms_read.norm_in.weight, "cms_read.compress.weight":
+                   m.cms_read.compress.weight, "rows.z.weight": w.z.weight, "rows.z.bias": w.z.bias,
+                   "rows.gate.weight": w.gate.weight, "rows.gate.bias": w.gate.bias}
+        assert set(tensors) == set(rows_train.GATE_NAMES)
+        m = rows_train.attach(build(tiny_config(), seed=3), m.cfg.cms, m.cfg.memory_layer, tensors)
     return m, tok, meta
 
 

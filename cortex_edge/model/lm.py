@@ -186,11 +186,13 @@ class Attention(nn.Module):
             self.qkv_proj.bias.copy_(torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]))
         del self.q_proj, self.k_proj, self.v_proj
 
-    def forward(self, x, q_rope, sink_rope, bias, buf_k, buf_v, total, gqa: bool = False):
+    def forward(self, x, q_rope, sink_rope, bias, buf_k, buf_v, total, fixed: int, gqa: bool = False):
         """x (B, T, D); q_rope, sink_rope: ropes_at's rotations at the new tokens' positions and at their sink
         positions; buf_k, buf_v (B, KV, M, hd): the layer's buffer (runtime/ring.py: [rows | sinks | recent
         tokens], keys stored rotated); total: the rows in use once the new tokens are written at
-        total - T .. total - 1 (an int; GraphLengths while exporting); bias (1, 1, T, total) additive.
+        total - T .. total - 1 (an int; GraphLengths while exporting); bias (1, 1, T, total) additive;
+        fixed: R + S, the buffer rows read from the sink position (given by the model: a sidecar attached
+        after this module was built changes R).
 
         Two forms of the same maths (contract.py):
           gqa=False  the exact form, every T (the chunk graph, and the reference): the recent tokens seen from
@@ -222,7 +224,7 @@ class Attention(nn.Module):
             return self.o_proj(o), pk, pv
         k = rotate(k, *qc)
         o = exact_attention(rotate(q, *qc), rotate(q, *sc), k, v, buf_k, buf_v, total, bias,
-                            cfg.cms.rows + cfg.sinks, 1.0 / math.sqrt(hd))
+                            fixed, 1.0 / math.sqrt(hd))
         return self.o_proj(o), k, v
 
 
@@ -309,12 +311,12 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, pending, q_rope, sink_rope, bias, buf_k, buf_v, total, gqa: bool = False):
+    def forward(self, x, pending, q_rope, sink_rope, bias, buf_k, buf_v, total, fixed: int, gqa: bool = False):
         """x: the residual stream without `pending`, the block before's MLP output still to be added (None: x is
         whole); each residual add goes with the norm after it (skip_norm). Returns x (without the MLP output),
         the MLP output, and the buffers."""
         h, x = skip_norm(x, pending, self.input_layernorm)
-        a, k, v = self.self_attn(h, q_rope, sink_rope, bias, buf_k, buf_v, total, gqa)
+        a, k, v = self.self_attn(h, q_rope, sink_rope, bias, buf_k, buf_v, total, fixed, gqa)
         h, x = skip_norm(x, a, self.post_attention_layernorm)
         return x, self.mlp(h), k, v
 
@@ -380,7 +382,8 @@ class CortexLM(nn.Module):
         rl = cfg.cms.row_layers(cfg.n_layers)
         for i, layer in enumerate(self.model.layers):
             b = row_bias if i in rl else bias
-            x, pending, k, v = layer(x, pending, q_rope, sink_rope, b, buf_keys[i], buf_values[i], total, gqa)
+            x, pending, k, v = layer(x, pending, q_rope, sink_rope, b, buf_keys[i], buf_values[i], total,
+                                     lay.rows + cfg.sinks, gqa)
             new_k.append(k)
             new_v.append(v)
             if i == cfg.memory_layer:
