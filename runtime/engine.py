@@ -7,12 +7,15 @@ NumPy + onnxruntime only. One token's path:
           the K/V buffers, written in place ◄─────────┘  │ mem.{l}, mem_key.{l}: fp32 views of the stored state
           write_feat ─► acc += feat                       │
    every C tokens: s = acc / C ─► jump map (cms.py) on decode(stored) ─► encode ─► stored ─► fresh fp32 views
-   at each chunk start: the buffers laid out for the chunk (ring.py): moved, re-rotated, sinks and rows placed
+   at each chunk start: the buffers laid out for the chunk (ring.py): moved, re-rotated, the rows written
+   before each step: the sinks and rows rotated for the graph's branch (decode: to the token's frame; chunk:
+   their own frame), and the graph runs its decode branch (T = 1) or its chunk branch (contract.py)
 
 State (all of it bounded, whatever the history length):
    kv      per layer: keys, values (1, KV, M, hd) fp32   [rows | sinks | recent tokens] (ring.py), keys rotated;
                                                           bound to the graph's past and present (IO binding),
-                                                          so GroupQueryAttention writes the new rows in place
+                                                          so GroupQueryAttention writes a decode step's new rows
+                                                          in place (a chunk's come out, NumPy writes them)
    cms     per level: memory (N_l, d_l), keys (N_l, d_k) in the bundle's state format; usage (N_l,) fp32
    acc     (d_z,) fp32   sum of write_feat over the current chunk
    n, events             tokens seen, memory events done
@@ -185,29 +188,40 @@ class Engine:
         reads them at the same distances as the exact attention). Skipped when they already hold delta."""
         if st.placed == delta:
             return
-        c, R, S = self.cfg, self.lay.rows, self.cfg.sinks
+        R, S = self.lay.rows, self.cfg.sinks
         rope = self._rope(delta)
         if st.sink_keys is not None and S:
-            sinks = ring.rotate_with(st.sink_keys, *rope)
+            sinks = ring.rotate_by(st.sink_keys, rope)
             for i, k in enumerate(st.keys):
                 k[0, :, R:R + S] = sinks[i]
         if R and len(self.row_layers):
-            rk, rv = st.row_views if memory else self._empty_row_views()
+            views = st.row_views if memory else self._empty_row_views()
+            if st.placed is None:  # the rows were (re)written: their values too (values are never rotated)
+                for j, i in enumerate(self.row_layers):
+                    st.values[i][0, :, :R] = views[1][j]
+            keys = ring.rotate_by(self._stacked_row_keys(views), rope)  # one rotation for every row layer
             for j, i in enumerate(self.row_layers):
-                st.keys[i][0, :, :R] = ring.rotate_with(rk[j], *rope)
-                st.values[i][0, :, :R] = rv[j]
+                st.keys[i][0, :, :R] = keys[j]
         st.placed = delta
 
-    def _rope(self, delta: int) -> tuple[np.ndarray, np.ndarray]:
-        """ring.rope_angles(delta) in float32, kept for the deltas in use (a decode step's delta grows by one a
-        token; a frame holds at most 2W + C + D of them)."""
+    def _stacked_row_keys(self, views) -> np.ndarray:
+        """The row views' keys as one array (row layers, KV, R, hd), made again only when the views change (the
+        views object is held with it, so its id stays its own)."""
+        held = self.__dict__.get("_row_stack")
+        if held is None or held[0] is not views:
+            held = (views, np.stack(views[0]))
+            self._row_stack = held
+        return held[1]
+
+    def _rope(self, delta: int) -> np.ndarray:
+        """ring.rotation_matrix(delta), kept for the deltas in use (a decode step's delta grows by one a token; a
+        frame holds at most 2W + C + D of them)."""
         cache = self.__dict__.setdefault("_ropes", {})
         if delta not in cache:
             if len(cache) > 4096:
                 cache.clear()
             c = self.cfg
-            cos, sin = ring.rope_angles(delta, c.head_dim, c.rope_theta, c.rope_freq_divisors)
-            cache[delta] = (cos.astype(np.float32), sin.astype(np.float32))
+            cache[delta] = ring.rotation_matrix(delta, c.head_dim, c.rope_theta, c.rope_freq_divisors)
         return cache[delta]
 
     # ------------------------------------------------------------------ stepping

@@ -93,7 +93,8 @@ def split(engine: Engine, context: int, tokens: int, seed: int = 0) -> dict:
 
 
 def operators(bundle: Bundle, threads: int, context: int, tokens: int, seed: int = 0) -> dict:
-    """onnxruntime's profiler over `tokens` decode steps: milliseconds per token by operator type."""
+    """onnxruntime's profiler over `tokens` decode steps: milliseconds per token by operator type (the operators
+    inside the graph's branch that ran; the If around them is not counted twice)."""
     engine = Engine(bundle, threads=threads)
     st, tok = _history(engine, context, seed)
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,9 +111,12 @@ def operators(bundle: Bundle, threads: int, context: int, tokens: int, seed: int
     start = runs[-tokens]  # the warm-up steps' kernels are not counted
     by_op: dict[str, float] = defaultdict(float)
     nodes: dict[str, int] = defaultdict(int)
+    control = {"If", "Loop", "Scan"}  # their time is their branch's operators' time, counted on its own
     for ev in trace:
         if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time") and ev["ts"] >= start:
             op = ev.get("args", {}).get("op_name", "?")
+            if op in control:
+                continue
             by_op[op] += ev["dur"] / 1e3  # µs -> ms
             nodes[op] += 1
     total = sum(by_op.values())

@@ -159,10 +159,17 @@ def split_pieces(n_past: int, n_new: int, chunk: int) -> list[int]:
     return pieces
 
 
-def rotate_with(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """rotate() with the angles given (rope_angles', in x's dtype): x (..., hd)."""
-    h = x.shape[-1] // 2
-    out = x * cos
-    out[..., :h] -= x[..., h:] * sin[:h]
-    out[..., h:] += x[..., :h] * sin[h:]
-    return out
+def rotation_matrix(delta: int, head_dim: int, theta: float, divisors: tuple = ()) -> np.ndarray:
+    """rotate(x, delta) as a matrix: x (..., hd) @ this (hd, hd) float32 (one BLAS call for many keys: the
+    runtime rotates the sinks and rows this way before every decode step)."""
+    cos, sin = rope_angles(delta, head_dim, theta, divisors)
+    h = head_dim // 2
+    m = np.diag(cos)
+    m[np.arange(h) + h, np.arange(h)] = -sin[:h]  # out[:h] = x[:h] cos - x[h:] sin
+    m[np.arange(h), np.arange(h) + h] = sin[h:]  # out[h:] = x[h:] cos + x[:h] sin
+    return m.astype(np.float32)
+
+
+def rotate_by(x: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """x (..., hd) rotated by a rotation_matrix."""
+    return (x.reshape(-1, x.shape[-1]) @ m).reshape(x.shape)

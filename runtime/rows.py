@@ -16,8 +16,8 @@ tokens' rows, not a learnt summary, and the only thing it learns is which tokens
                       position, so a row sits at distance R - j (recent, as the measurement wants); with rows_place
                       "recency" the views rotate it on so that the k-th newest held row sits at distance
                       rows_gap + k + 1 (a statement's tokens in order, as if just said); the engine writes the views
-                      into the buffer rotated into each chunk's frame, so a chunk's later tokens see them up to
-                      C - 1 farther; a row is masked while its token is still in the window (the model sees
+                      into the buffer, in their own frame for a chunk and rotated to the token's frame for a
+                      decode step (engine.place): every token reads them at exactly those distances; a row is masked while its token is still in the window (the model sees
                       each token once, and a history that fits the window computes exactly what the model alone
                       computes)
 
