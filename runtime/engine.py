@@ -189,9 +189,9 @@ class Engine:
         if st.placed == delta:
             return
         R, S = self.lay.rows, self.cfg.sinks
-        rope = self._rope(delta)
+        cos, sin = self._rope(delta)
         if st.sink_keys is not None and S:
-            sinks = ring.rotate_by(st.sink_keys, rope)
+            sinks = ring.rotate_pair(*self._with_half("_sink_pair", st.sink_keys, lambda k: k), cos, sin)
             for i, k in enumerate(st.keys):
                 k[0, :, R:R + S] = sinks[i]
         if R and len(self.row_layers):
@@ -199,29 +199,32 @@ class Engine:
             if st.placed is None:  # the rows were (re)written: their values too (values are never rotated)
                 for j, i in enumerate(self.row_layers):
                     st.values[i][0, :, :R] = views[1][j]
-            keys = ring.rotate_by(self._stacked_row_keys(views), rope)  # one rotation for every row layer
+            # every row layer's keys at once (row layers, KV, R, hd)
+            keys = ring.rotate_pair(*self._with_half("_row_pair", views, lambda v: np.stack(v[0])), cos, sin)
             for j, i in enumerate(self.row_layers):
                 st.keys[i][0, :, :R] = keys[j]
         st.placed = delta
 
-    def _stacked_row_keys(self, views) -> np.ndarray:
-        """The row views' keys as one array (row layers, KV, R, hd), made again only when the views change (the
-        views object is held with it, so its id stays its own)."""
-        held = self.__dict__.get("_row_stack")
-        if held is None or held[0] is not views:
-            held = (views, np.stack(views[0]))
-            self._row_stack = held
-        return held[1]
+    def _with_half(self, slot: str, source, make) -> tuple[np.ndarray, np.ndarray]:
+        """(x, ring.rotate_half(x)) for x = make(source), made again only when source is another object (it is
+        held with them, so its id stays its own): the sinks' keys and the row views change rarely."""
+        held = self.__dict__.get(slot)
+        if held is None or held[0] is not source:
+            x = np.ascontiguousarray(make(source), dtype=np.float32)
+            held = (source, x, ring.rotate_half(x))
+            self.__dict__[slot] = held
+        return held[1], held[2]
 
-    def _rope(self, delta: int) -> np.ndarray:
-        """ring.rotation_matrix(delta), kept for the deltas in use (a decode step's delta grows by one a token; a
-        frame holds at most 2W + C + D of them)."""
+    def _rope(self, delta: int) -> tuple[np.ndarray, np.ndarray]:
+        """ring.rope_angles(delta) in float32, kept for the deltas in use (a decode step's delta grows by one a
+        token; a frame holds at most 2W + C + D of them)."""
         cache = self.__dict__.setdefault("_ropes", {})
         if delta not in cache:
             if len(cache) > 4096:
                 cache.clear()
             c = self.cfg
-            cache[delta] = ring.rotation_matrix(delta, c.head_dim, c.rope_theta, c.rope_freq_divisors)
+            cos, sin = ring.rope_angles(delta, c.head_dim, c.rope_theta, c.rope_freq_divisors)
+            cache[delta] = (cos.astype(np.float32), sin.astype(np.float32))
         return cache[delta]
 
     # ------------------------------------------------------------------ stepping

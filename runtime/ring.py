@@ -159,17 +159,16 @@ def split_pieces(n_past: int, n_new: int, chunk: int) -> list[int]:
     return pieces
 
 
-def rotation_matrix(delta: int, head_dim: int, theta: float, divisors: tuple = ()) -> np.ndarray:
-    """rotate(x, delta) as a matrix: x (..., hd) @ this (hd, hd) float32 (one BLAS call for many keys: the
-    runtime rotates the sinks and rows this way before every decode step)."""
-    cos, sin = rope_angles(delta, head_dim, theta, divisors)
-    h = head_dim // 2
-    m = np.diag(cos)
-    m[np.arange(h) + h, np.arange(h)] = -sin[:h]  # out[:h] = x[:h] cos - x[h:] sin
-    m[np.arange(h), np.arange(h) + h] = sin[h:]  # out[h:] = x[h:] cos + x[:h] sin
-    return m.astype(np.float32)
+def rotate_half(x: np.ndarray) -> np.ndarray:
+    """[-x2, x1] of x = [x1, x2] (..., hd): RoPE's partner, linear in x and the same at every distance."""
+    h = x.shape[-1] // 2
+    return np.concatenate([-x[..., h:], x[..., :h]], axis=-1)
 
 
-def rotate_by(x: np.ndarray, m: np.ndarray) -> np.ndarray:
-    """x (..., hd) rotated by a rotation_matrix."""
-    return (x.reshape(-1, x.shape[-1]) @ m).reshape(x.shape)
+def rotate_pair(x: np.ndarray, x_half: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """rotate() of x given rotate_half(x) and the angles (float32 (hd,)): two products and a sum over contiguous
+    arrays, no BLAS (whose threads would contend with onnxruntime's). The runtime rotates the sinks and rows this
+    way before every decode step, their rotate_half kept while they do not change."""
+    out = np.multiply(x, cos)
+    out += x_half * sin
+    return out

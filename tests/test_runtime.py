@@ -124,14 +124,13 @@ def test_sampling_modes():
         Sampling(temperature=-1).validate()
 
 
-def test_the_rotation_matrix_is_the_rotation():
-    """The runtime rotates the sinks and rows before each decode step by one matrix product (ring.rotate_by);
-    it is RoPE's rotation (ring.rotate), with scaling divisors too, and rotations compose."""
+def test_the_paired_rotation_is_the_rotation():
+    """The runtime rotates the sinks and rows before each decode step as x cos + rotate_half(x) sin, the second
+    factor kept (ring.rotate_pair); it is RoPE's rotation (ring.rotate), with scaling divisors too."""
     from cortex_edge.runtime import ring
 
     x = np.random.default_rng(0).standard_normal((3, 5, 64)).astype(np.float32)
     for delta, div in ((0, ()), (7, ()), (1100, ()), (300, tuple(np.linspace(1, 8, 32)))):
-        m = ring.rotation_matrix(delta, 64, 1e5, div)
-        np.testing.assert_allclose(ring.rotate_by(x, m), ring.rotate(x, delta, 1e5, div), atol=2e-6)
-    two = ring.rotate_by(ring.rotate_by(x, ring.rotation_matrix(40, 64, 1e5)), ring.rotation_matrix(-15, 64, 1e5))
-    np.testing.assert_allclose(two, ring.rotate(x, 25, 1e5), atol=2e-6)
+        cos, sin = (a.astype(np.float32) for a in ring.rope_angles(delta, 64, 1e5, div))
+        np.testing.assert_allclose(ring.rotate_pair(x, ring.rotate_half(x), cos, sin), ring.rotate(x, delta, 1e5, div),
+                                   atol=2e-6)
