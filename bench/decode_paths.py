@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,6 +28,9 @@ from cortex_edge.runtime import memory_tasks as mt
 from cortex_edge.runtime.bundle import load_bundle
 from cortex_edge.runtime.chat import Chat
 from cortex_edge.runtime.engine import Engine
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import log_softmax  # noqa: E402
 
 LAST = 700
 
@@ -40,11 +45,6 @@ def conversation(chat: Chat) -> np.ndarray:
                  {"role": "assistant", "content": "It is a beautiful passage about creation and the early world."}]
     msgs.append({"role": "user", "content": "What is my sister's name?"})
     return np.array(chat.encode_segments(chat.fmt.segments(msgs, True)), np.int64)
-
-
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
 def main():
