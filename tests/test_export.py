@@ -136,3 +136,25 @@ def test_gguf_pre_tokenizers_split_as_their_models_do():
     assert split("default") == ["I", "'ve", "Ġ12345", "Ġcats", "!!", "Ċ", "Ċ", "OK"]
     with pytest.raises(CortexError, match="tokenizer.ggml.pre"):
         gguf_pre_tokenizer("deepseek-llm")
+
+
+def test_the_two_branches_share_every_weight(bundle_int8):
+    """The graph is an If on T = 1 whose branches hold no weight of their own: every initializer sits once at the
+    top level (quantize/branches.py), so the bundle holds the weights once, and splitting it gives back two
+    graphs that each read all of them."""
+    import onnx
+
+    from cortex_edge.quantize import branches
+
+    m = onnx.load(str(bundle_int8 / contract.GRAPH))
+    assert branches.is_merged(m)
+    node = next(n for n in m.graph.node if n.op_type == "If")
+    for attr in node.attribute:
+        assert not attr.g.initializer
+        assert any(n.op_type == "MatMulNBits" for n in attr.g.node)  # the weights are read from outside
+    names = [t.name for t in m.graph.initializer]
+    assert len(names) == len(set(names))
+    parts = branches.split(m)
+    weights = {t.name for t in m.graph.initializer if len(t.dims) >= 2}
+    for part in parts.values():
+        assert weights <= {t.name for t in part.graph.initializer} | {"if/one"}
