@@ -97,6 +97,8 @@ class Engine:
         self._out = contract.output_names(L)
         self._check_graph_shapes()
         self._binding: tuple[list[int], ort.IOBinding, list] | None = None
+        self._ropes: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # place(): the angles of each distance
+        self._halves: dict[str, tuple] = {}  # place(): the sinks' and rows' keys with their rotate_half
 
     def _check_graph_shapes(self) -> None:
         """The graphs must take exactly the contract's inputs, with the config's fixed sizes."""
@@ -191,7 +193,7 @@ class Engine:
         R, S = self.lay.rows, self.cfg.sinks
         cos, sin = self._rope(delta)
         if st.sink_keys is not None and S:
-            sinks = ring.rotate_pair(*self._with_half("_sink_pair", st.sink_keys, lambda k: k), cos, sin)
+            sinks = ring.rotate_pair(*self._with_half("sinks", st.sink_keys, lambda k: k), cos, sin)
             for i, k in enumerate(st.keys):
                 k[0, :, R:R + S] = sinks[i]
         if R and len(self.row_layers):
@@ -200,7 +202,7 @@ class Engine:
                 for j, i in enumerate(self.row_layers):
                     st.values[i][0, :, :R] = views[1][j]
             # every row layer's keys at once (row layers, KV, R, hd)
-            keys = ring.rotate_pair(*self._with_half("_row_pair", views, lambda v: np.stack(v[0])), cos, sin)
+            keys = ring.rotate_pair(*self._with_half("rows", views, lambda v: np.stack(v[0])), cos, sin)
             for j, i in enumerate(self.row_layers):
                 st.keys[i][0, :, :R] = keys[j]
         st.placed = delta
@@ -208,17 +210,16 @@ class Engine:
     def _with_half(self, slot: str, source, make) -> tuple[np.ndarray, np.ndarray]:
         """(x, ring.rotate_half(x)) for x = make(source), made again only when source is another object (it is
         held with them, so its id stays its own): the sinks' keys and the row views change rarely."""
-        held = self.__dict__.get(slot)
+        held = self._halves.get(slot)
         if held is None or held[0] is not source:
             x = np.ascontiguousarray(make(source), dtype=np.float32)
-            held = (source, x, ring.rotate_half(x))
-            self.__dict__[slot] = held
+            held = self._halves[slot] = (source, x, ring.rotate_half(x))
         return held[1], held[2]
 
     def _rope(self, delta: int) -> tuple[np.ndarray, np.ndarray]:
         """ring.rope_angles(delta) in float32, kept for the deltas in use (a decode step's delta grows by one a
         token; a frame holds at most 2W + C + D of them)."""
-        cache = self.__dict__.setdefault("_ropes", {})
+        cache = self._ropes
         if delta not in cache:
             if len(cache) > 4096:
                 cache.clear()
@@ -228,34 +229,37 @@ class Engine:
         return cache[delta]
 
     # ------------------------------------------------------------------ stepping
-    def _bind(self, st: State) -> tuple[ort.IOBinding, list]:
+    def _buffers(self, st: State):
+        """(past name, present name, array) of each layer's key and value buffer, in the graph's order."""
+        for i, (k, v) in enumerate(zip(st.keys, st.values)):
+            yield contract.past_key(i), contract.present_key(i), k
+            yield contract.past_value(i), contract.present_value(i), v
+
+    def _bind(self, st: State) -> ort.IOBinding:
         """One IO binding per state for decode steps: each layer's past and present bound to the same OrtValue
         over st's arrays (onnxruntime then writes the new rows into them in place; an OrtValue made from a NumPy
         array shares its memory). Made again only when the arrays change (another state, a copy)."""
         ids = [id(a) for a in st.keys + st.values]
         if self._binding is None or self._binding[0] != ids:
             b = self.sess.io_binding()
-            for i, (k, v) in enumerate(zip(st.keys, st.values)):
-                for past, present, a in ((contract.past_key(i), contract.present_key(i), k),
-                                         (contract.past_value(i), contract.present_value(i), v)):
-                    ov = ort.OrtValue.ortvalue_from_numpy(a)
-                    b.bind_ortvalue_input(past, ov)
-                    b.bind_ortvalue_output(present, ov)
+            for past, present, a in self._buffers(st):
+                ov = ort.OrtValue.ortvalue_from_numpy(a)
+                b.bind_ortvalue_input(past, ov)
+                b.bind_ortvalue_output(present, ov)
             self._binding = (ids, b, st.keys + st.values)  # the arrays held: their ids stay theirs
-        return self._binding[1], self._binding[2]
+        return self._binding[1]
 
-    def _bind_chunk(self, st: State, T: int) -> tuple[ort.IOBinding, list[np.ndarray]]:
-        """The binding of a chunk (T > 1): the buffers in, the new tokens' rows out into arrays of their own."""
+    def _bind_chunk(self, st: State, T: int) -> tuple[ort.IOBinding, list[tuple[np.ndarray, np.ndarray]]]:
+        """The binding of a chunk (T > 1): the buffers in, the new tokens' rows out into arrays of their own.
+        Returns the binding and (buffer, its new rows) pairs."""
         c = self.cfg
         b = self.sess.io_binding()
         new = []
-        for i, (k, v) in enumerate(zip(st.keys, st.values)):
-            for past, present, a in ((contract.past_key(i), contract.present_key(i), k),
-                                     (contract.past_value(i), contract.present_value(i), v)):
-                b.bind_ortvalue_input(past, ort.OrtValue.ortvalue_from_numpy(a))
-                out = np.empty((1, c.n_kv_heads, T, c.head_dim), np.float32)
-                b.bind_ortvalue_output(present, ort.OrtValue.ortvalue_from_numpy(out))
-                new.append(out)
+        for past, present, a in self._buffers(st):
+            out = np.empty((1, c.n_kv_heads, T, c.head_dim), np.float32)
+            b.bind_ortvalue_input(past, ort.OrtValue.ortvalue_from_numpy(a))
+            b.bind_ortvalue_output(present, ort.OrtValue.ortvalue_from_numpy(out))
+            new.append((a, out))
         return b, new
 
     def _piece(self, st: State, ids: np.ndarray, memory: bool = True, all_logits: bool = True) -> np.ndarray:
@@ -271,8 +275,7 @@ class Engine:
         plan = ring.plan_step(st.n, T, self.lay, row_mask)
         if T == 1:  # the decode branch: GroupQueryAttention, the sinks and rows rotated to the token's frame
             self.place(st, self.lay.sink_delta(st.n), memory)
-            b, _ = self._bind(st)
-            new = None
+            b, new = self._bind(st), []
         else:  # the chunk branch: the exact attention, the sinks and rows in their own frame
             self.place(st, 0, memory)
             b, new = self._bind_chunk(st, T)
@@ -295,10 +298,8 @@ class Engine:
         b.bind_ortvalue_output(contract.LOGITS, ort.OrtValue.ortvalue_from_numpy(logits))
         b.bind_ortvalue_output(contract.WRITE_FEAT, ort.OrtValue.ortvalue_from_numpy(feat))
         self.sess.run_with_iobinding(b)
-        if new is not None:  # the chunk's rows, into the buffers where GroupQueryAttention would have put them
-            p0 = plan.total - T
-            for a, n in zip([x for kv in zip(st.keys, st.values) for x in kv], new):
-                a[:, :, p0:plan.total] = n
+        for a, n in new:  # a chunk's rows, into the buffers where GroupQueryAttention would have put them
+            a[:, :, plan.total - T:plan.total] = n
         logits, feat = logits[0], feat[0]  # (T or 1, V), (T, d_z)
         for t in range(T):  # token by token: the same summation order whatever the piece size
             st.acc += feat[t]

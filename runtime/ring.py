@@ -140,10 +140,7 @@ def rope_angles(delta: int, head_dim: int, theta: float, divisors: tuple = ()) -
 
 def rotate(x: np.ndarray, delta: int, theta: float, divisors: tuple = ()) -> np.ndarray:
     """RoPE rotation of x (..., hd) by `delta` positions (rotations compose: R_a R_b = R_{a+b})."""
-    cos, sin = rope_angles(delta, x.shape[-1], theta, divisors)
-    h = x.shape[-1] // 2
-    rot = np.concatenate([-x[..., h:], x[..., :h]], axis=-1)
-    return (x * cos + rot * sin).astype(x.dtype)
+    return rotate_pair(x, rotate_half(x), *rope_angles(delta, x.shape[-1], theta, divisors)).astype(x.dtype)
 
 
 def split_pieces(n_past: int, n_new: int, chunk: int) -> list[int]:
@@ -166,7 +163,7 @@ def rotate_half(x: np.ndarray) -> np.ndarray:
 
 
 def rotate_pair(x: np.ndarray, x_half: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """rotate() of x given rotate_half(x) and the angles (float32 (hd,)): two products and a sum over contiguous
+    """x cos + rotate_half(x) sin, given rotate_half(x) and the angles (hd,): two products and a sum over contiguous
     arrays, no BLAS (whose threads would contend with onnxruntime's). The runtime rotates the sinks and rows this
     way before every decode step, their rotate_half kept while they do not change."""
     out = np.multiply(x, cos)

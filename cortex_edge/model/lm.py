@@ -86,8 +86,7 @@ class _ExportedGQA(torch.autograd.Function):
         B, T, _ = qkv.shape
         hd = buf_k.shape[-1]
         x = qkv.view(B, T, n_heads + 2 * kv_heads, hd).transpose(1, 2)
-        cos, sin = cos_t[pos[0]], sin_t[pos[0]]
-        cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
+        cos, sin = rope_of(RopeTables(pos, cos_t, sin_t))
         q, k, v = x.split([n_heads, kv_heads, kv_heads], dim=1)
         return gqa_reference(rotate(q, cos, sin), rotate(k, cos, sin), v, buf_k, buf_v, int(total), bias,
                              1.0 / math.sqrt(hd))
@@ -217,14 +216,13 @@ class Attention(nn.Module):
         if isinstance(total, GraphLengths) and not torch.onnx.is_in_onnx_export():
             total = int(total.total)  # the graph module run eagerly (export validation)
         q, k, v = qkv.view(B, -1, H + 2 * KV, hd).transpose(1, 2).split([H, KV, KV], dim=1)  # (B, *, T, hd)
-        qc, sc = rope_of(q_rope), rope_of(sink_rope)
+        qc = rope_of(q_rope)
+        qr, k = rotate(q, *qc), rotate(k, *qc)
         if gqa:
-            o, pk, pv = gqa_reference(rotate(q, *qc), rotate(k, *qc), v, buf_k, buf_v, total, bias,
-                                      1.0 / math.sqrt(hd))
+            o, pk, pv = gqa_reference(qr, k, v, buf_k, buf_v, total, bias, 1.0 / math.sqrt(hd))
             return self.o_proj(o), pk, pv
-        k = rotate(k, *qc)
-        o = exact_attention(rotate(q, *qc), rotate(q, *sc), k, v, buf_k, buf_v, total, bias,
-                            fixed, 1.0 / math.sqrt(hd))
+        o = exact_attention(qr, rotate(q, *rope_of(sink_rope)), k, v, buf_k, buf_v, total, bias, fixed,
+                            1.0 / math.sqrt(hd))
         return self.o_proj(o), k, v
 
 
