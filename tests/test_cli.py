@@ -38,6 +38,7 @@ def test_export_chat_restart_bench_info(tmp_path):
     r = cli("export", "builtin:tiny", "--out", b, "--weights", "int8", "--state", "int8")
     assert r.returncode == 0, r.stderr
     assert (b / contract.MANIFEST).is_file()
+    assert "Warning" not in r.stderr, r.stderr  # the exporter's own log stays out of the user's terminal
     home = tmp_path / "home"
     r = cli("chat", b, "--session", "s1", "--prompt", "Remember: the code is 4172.", "--max-new-tokens", "12",
             "--seed", "0", env_home=home)

@@ -112,6 +112,8 @@ class _ExportedGQA(torch.autograd.Function):
                                outputs=3)
         for t, like in ((pk, buf_k), (pv, buf_v)):
             t.setType(like.type())
+        sizes = qkv.type().varyingSizes()  # (B, T, (H + 2 KV) hd), B and T possibly symbolic
+        out.setType(qkv.type().with_sizes(sizes[:-1] + [n_heads * hd]))
         return out, pk, pv
 
 
