@@ -1,6 +1,9 @@
 """Does the memory harm what the model does without it? Sidecar on against sidecar off, one bundle, the runtime.
 
   python bench/memory_harm.py BUNDLE --json bench/results/memory_harm.json
+  python bench/memory_harm.py BUNDLE --rows-bias 3 --json bench/results/memory_harm_row_bias_3.json
+
+--rows-bias replaces the config's rows_bias (a constant added to every visible row's attention logit) in-process.
 
   in-window   bench/quality.py's ten chat prompts, each continued greedily by 32 tokens with the sidecar off,
               then teacher-forced with it on: top-1 agreement and mean KL(off || on) over the continuation
@@ -11,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -26,6 +30,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bundle")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rows-bias", type=float, default=None, help="replace the bundle's rows_bias")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from cortex_edge.runtime.bundle import load_bundle
@@ -33,6 +38,8 @@ def main():
     from cortex_edge.runtime.engine import Engine
 
     eng = Engine(load_bundle(args.bundle), threads=args.threads)
+    if args.rows_bias is not None:
+        eng.cfg = dataclasses.replace(eng.cfg, cms=dataclasses.replace(eng.cfg.cms, rows_bias=args.rows_bias))
     chat = Chat(eng)
     t0 = time.time()
     agree, kls = [], []
@@ -64,7 +71,9 @@ def main():
                                                   "top1_agreement": float(np.mean(agree)), "mean_kl": float(np.mean(kls))},
            "genesis_perplexity": ppl, "genesis_rows_kept": rows,
            "genesis_ppl_change_4k_8k": ppl["on"]["4k-8k"] / ppl["off"]["4k-8k"] - 1,
-           "seconds": round(time.time() - t0, 1), "command": "python bench/memory_harm.py " + args.bundle}
+           "seconds": round(time.time() - t0, 1), "rows_bias": eng.cfg.cms.rows_bias,
+           "command": "python bench/memory_harm.py " + args.bundle
+           + ("" if args.rows_bias is None else f" --rows-bias {args.rows_bias:g}")}
     print(json.dumps({k: v for k, v in rep.items()}, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(rep, indent=1))

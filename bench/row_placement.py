@@ -1,12 +1,14 @@
 """Where should the row level's rows be read from? Placements compared on validation seeds, one bundle.
 
   python bench/row_placement.py BUNDLE --places slot,0,16,32 --json bench/results/row_placement_validation.json
+  python bench/row_placement.py BUNDLE --places 16 --biases 0,1,2,3 --json bench/results/row_bias_validation.json
 
 The rows' keys are rotated for the position they are read at (runtime/rows.py read_position): "slot" reads slot j
 at distance R - j (LRU fills slots from 0, so a chat's first fact sits farthest, at 42-48); an integer g reads the
 held rows in token order, the newest g + 1 positions back ("recency" with rows_gap = g). The gate and the stored
 state are the same for every placement: only the read changes, so one bundle serves (its config is replaced
-in-process). Per placement:
+in-process). --biases adds a constant to every visible row's attention logit (config rows_bias: a row's weight
+times e^bias), each placement crossed with each bias. Per placement:
 
   niah        pass keys at 2k tokens, 16 samples from held-out index 500 (the evaluation reports from 0)
   chat        `eval chat-memory` at 2k tokens of talk, sidecar on, 16 chats from index 500
@@ -63,6 +65,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bundle")
     ap.add_argument("--places", default="slot,0,16,32", help="slot, or gaps for recency")
+    ap.add_argument("--biases", default="0", help="row logit biases (config rows_bias)")
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
@@ -70,23 +73,25 @@ def main():
     engine = Engine(load_bundle(a.bundle), threads=a.threads)
     base = engine.cfg
     rows = []
-    for name in a.places.split(","):
+    for name, bias in ((n, float(b)) for n in a.places.split(",") for b in a.biases.split(",")):
         t0 = time.perf_counter()
         place, gap = ("slot", 0) if name == "slot" else ("recency", int(name))
-        engine.cfg = dataclasses.replace(base, cms=dataclasses.replace(base.cms, rows_place=place, rows_gap=gap))
+        engine.cfg = dataclasses.replace(base, cms=dataclasses.replace(base.cms, rows_place=place, rows_gap=gap,
+                                                                       rows_bias=bias))
         nr = niah.run(engine, [2048], a.samples, memory_modes=(True,), first=FIRST)["rows"][0]
         cm = chat_memory.run(engine, [2048], a.samples, control=False, reference=False, first=FIRST)["rows"][0]
-        row = {"place": place, "gap": gap, "niah_2k": nr["accuracy"], "chat_memory_2k": cm["accuracy"],
+        row = {"place": place, "gap": gap, "bias": bias, "niah_2k": nr["accuracy"], "chat_memory_2k": cm["accuracy"],
                "journey": journey(engine, *ONE), "three_facts": journey(engine, *THREE),
                "seconds": round(time.perf_counter() - t0, 1)}
         rows.append(row)
-        print(f"{name:>5}: pass keys {row['niah_2k']:.3f}, chat facts {row['chat_memory_2k']:.3f}, journey "
+        print(f"{name:>5} bias {bias:g}: pass keys {row['niah_2k']:.3f}, chat facts {row['chat_memory_2k']:.3f}, journey "
               f"{sum(x['correct'] for x in row['journey'])}/1, three facts "
               f"{sum(x['correct'] for x in row['three_facts'])}/3", flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"bundle": a.bundle, "samples": a.samples, "first": FIRST, "rows": rows,
-                       "command": f"python bench/row_placement.py BUNDLE --places {a.places} --samples {a.samples}"},
+                       "command": f"python bench/row_placement.py BUNDLE --places {a.places} --biases {a.biases} "
+                                  f"--samples {a.samples}"},
                       f, indent=1)
 
 

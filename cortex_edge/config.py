@@ -47,6 +47,7 @@ class CMSConfig:
     rows_place: str = "slot"  # where a row is read from: "slot" (slot j at distance R - j from the sinks' query) or
     #                           "recency" (the k-th newest row held at distance rows_gap + k + 1)
     rows_gap: int = 0  # with "recency": distances kept free between the query and the newest row
+    rows_bias: float = 0.0  # added to a visible row's attention logit in every row layer (its weight times e^bias)
 
     @property
     def levels(self) -> int:
@@ -87,6 +88,9 @@ class CMSConfig:
             raise ConfigError("cms.rows_lookahead must be an integer in [0, cms.chunk]")
         if not isinstance(self.rows_gap, int) or isinstance(self.rows_gap, bool) or not 0 <= self.rows_gap <= MAX_SIZE:
             raise ConfigError(f"cms.rows_gap must be an integer in [0, {MAX_SIZE}]")
+        if isinstance(self.rows_bias, bool) or not isinstance(self.rows_bias, (int, float)) \
+                or not 0.0 <= self.rows_bias <= 16.0:
+            raise ConfigError("cms.rows_bias must be a number in [0, 16]")
         if self.rows_place not in ROW_PLACES:
             raise ConfigError(f"cms.rows_place must be one of {ROW_PLACES}, got {self.rows_place!r}")
 

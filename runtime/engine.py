@@ -271,7 +271,7 @@ class Engine:
         row_mask = None
         if st.rows is not None:
             a = st.n + np.arange(T, dtype=np.int64)
-            row_mask = rows_mod.mask(st.rows.token if memory else self._no_tokens(), a, c.window)
+            row_mask = rows_mod.mask(st.rows.token if memory else self._no_tokens(), a, c.window, c.cms.rows_bias)
         plan = ring.plan_step(st.n, T, self.lay, row_mask)
         if T == 1:  # the decode branch: GroupQueryAttention, the sinks and rows rotated to the token's frame
             self.place(st, self.lay.sink_delta(st.n), memory)

@@ -75,9 +75,10 @@ def read_position(token: np.ndarray, cfg: ModelConfig) -> np.ndarray:
     return pos
 
 
-def mask(token: np.ndarray, a: np.ndarray, window: int) -> np.ndarray:
-    """(T, R) additive mask: slot j visible to the query of token a once its token has left the window."""
-    return np.where((token[None, :] >= 0) & (a[:, None] - token[None, :] >= window), np.float32(0.0),
+def mask(token: np.ndarray, a: np.ndarray, window: int, bias: float = 0.0) -> np.ndarray:
+    """(T, R) additive mask: slot j visible to the query of token a once its token has left the window, its logit
+    raised by `bias` (config.rows_bias)."""
+    return np.where((token[None, :] >= 0) & (a[:, None] - token[None, :] >= window), np.float32(bias),
                     NEG_INF).astype(np.float32)
 
 

@@ -489,7 +489,7 @@ class TorchStream:
             a = torch.arange(self.n, self.n + T)
             tok = self.row_token  # (T, R), batch 1's per stream
             row_mask = torch.where((tok[0][None, :] >= 0) & (a[:, None] - tok[0][None, :] >= cfg.window),
-                                   0.0, float(ring.NEG_INF)).numpy()
+                                   float(cfg.cms.rows_bias), float(ring.NEG_INF)).numpy()
             assert self.batch == 1 or not torch.any(tok >= 0), "rows reads are batch 1 (training caches its own)"
         plan = ring.plan_step(self.n, T, self.lay, row_mask)
         out = self.model.step(ids, torch.from_numpy(plan.q_pos), torch.from_numpy(plan.sink_pos),
