@@ -8,7 +8,11 @@ at distance R - j (LRU fills slots from 0, so a chat's first fact sits farthest,
 held rows in token order, the newest g + 1 positions back ("recency" with rows_gap = g). The gate and the stored
 state are the same for every placement: only the read changes, so one bundle serves (its config is replaced
 in-process). --biases adds a constant to every visible row's attention logit (config rows_bias: a row's weight
-times e^bias), each placement crossed with each bias. Per placement:
+times e^bias), each placement crossed with each bias. --key-scales multiplies the rows' keys where the runtime
+reads them (runtime/rows.py views, replaced in-process: an experiment, not a config; a row's logit times the
+scale, so a query that matches a row more than it matches nothing gains and one that does not loses), and
+--genesis adds the perplexity of tokens 4k-8k of Genesis with the sidecar on (bench/memory_harm.py's no-harm
+figure; sidecar off it is 8.523). Per placement:
 
   niah        pass keys at 2k tokens, 16 samples from held-out index 500 (the evaluation reports from 0)
   chat        `eval chat-memory` at 2k tokens of talk, sidecar on, 16 chats from index 500
@@ -23,10 +27,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
+from pathlib import Path
+
+import numpy as np
 
 from cortex_edge.runtime import chat_memory, niah
 from cortex_edge.runtime import memory_tasks as mt
+from cortex_edge.runtime import rows as rows_mod
 from cortex_edge.runtime.bundle import load_bundle
 from cortex_edge.runtime.chat import Chat
 from cortex_edge.runtime.engine import Engine
@@ -61,11 +70,35 @@ def journey(engine: Engine, facts, questions, passages: int, first_verse: int = 
     return out
 
 
+def scaled_views(views, scale: float):
+    """runtime/rows.py's views with every key times scale."""
+    if scale == 1.0:
+        return views
+
+    def scaled(rs, cfg, fmt):
+        keys, values = views(rs, cfg, fmt)
+        return [k * np.float32(scale) for k in keys], values
+    return scaled
+
+
+def genesis(engine: Engine) -> float:
+    """Perplexity of Genesis tokens 4k-8k, sidecar on (bench/memory_harm.py's far figure)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from quality import TEXT, log_softmax
+
+    ids = Chat(engine).plain.encode(TEXT.read_text(), add_special_tokens=False).ids[:8192]
+    lg = engine.feed(engine.new_state(), np.array(ids), all_logits=True)
+    nll = -log_softmax(lg[:-1])[np.arange(len(ids) - 1), ids[1:]]
+    return float(np.exp(nll[4095:8191].mean()))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bundle")
     ap.add_argument("--places", default="slot,0,16,32", help="slot, or gaps for recency")
     ap.add_argument("--biases", default="0", help="row logit biases (config rows_bias)")
+    ap.add_argument("--key-scales", default="1", help="factors on the rows' keys where they are read")
+    ap.add_argument("--genesis", action="store_true", help="also Genesis perplexity at tokens 4k-8k, sidecar on")
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
@@ -73,25 +106,32 @@ def main():
     engine = Engine(load_bundle(a.bundle), threads=a.threads)
     base = engine.cfg
     rows = []
-    for name, bias in ((n, float(b)) for n in a.places.split(",") for b in a.biases.split(",")):
+    views = rows_mod.views
+    for name, bias, scale in ((n, float(b), float(k)) for n in a.places.split(",") for b in a.biases.split(",")
+                              for k in a.key_scales.split(",")):
         t0 = time.perf_counter()
+        rows_mod.views = scaled_views(views, scale)
         place, gap = ("slot", 0) if name == "slot" else ("recency", int(name))
         engine.cfg = dataclasses.replace(base, cms=dataclasses.replace(base.cms, rows_place=place, rows_gap=gap,
                                                                        rows_bias=bias))
         nr = niah.run(engine, [2048], a.samples, memory_modes=(True,), first=FIRST)["rows"][0]
         cm = chat_memory.run(engine, [2048], a.samples, control=False, reference=False, first=FIRST)["rows"][0]
-        row = {"place": place, "gap": gap, "bias": bias, "niah_2k": nr["accuracy"], "chat_memory_2k": cm["accuracy"],
+        row = {"place": place, "gap": gap, "bias": bias, "key_scale": scale, "niah_2k": nr["accuracy"], "chat_memory_2k": cm["accuracy"],
                "journey": journey(engine, *ONE), "three_facts": journey(engine, *THREE),
+               "genesis_4k_8k": genesis(engine) if a.genesis else None,
                "seconds": round(time.perf_counter() - t0, 1)}
         rows.append(row)
-        print(f"{name:>5} bias {bias:g}: pass keys {row['niah_2k']:.3f}, chat facts {row['chat_memory_2k']:.3f}, journey "
+        print(f"{name:>5} bias {bias:g} key scale {scale:g}: pass keys {row['niah_2k']:.3f}, chat facts {row['chat_memory_2k']:.3f}, journey "
               f"{sum(x['correct'] for x in row['journey'])}/1, three facts "
-              f"{sum(x['correct'] for x in row['three_facts'])}/3", flush=True)
+              f"{sum(x['correct'] for x in row['three_facts'])}/3"
+              + (f", Genesis 4k-8k {row['genesis_4k_8k']:.3f}" if a.genesis else ""), flush=True)
+    rows_mod.views = views
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"bundle": a.bundle, "samples": a.samples, "first": FIRST, "rows": rows,
                        "command": f"python bench/row_placement.py BUNDLE --places {a.places} --biases {a.biases} "
-                                  f"--samples {a.samples}"},
+                                  f"--key-scales {a.key_scales} --samples {a.samples}"
+                                  + (" --genesis" if a.genesis else "")},
                       f, indent=1)
 
 
