@@ -8,9 +8,8 @@ at distance R - j (LRU fills slots from 0, so a chat's first fact sits farthest,
 held rows in token order, the newest g + 1 positions back ("recency" with rows_gap = g). The gate and the stored
 state are the same for every placement: only the read changes, so one bundle serves (its config is replaced
 in-process). --biases adds a constant to every visible row's attention logit (config rows_bias: a row's weight
-times e^bias), each placement crossed with each bias. --key-scales multiplies the rows' keys where the runtime
-reads them (runtime/rows.py views, replaced in-process: an experiment, not a config; a row's logit times the
-scale, so a query that matches a row more than it matches nothing gains and one that does not loses), and
+times e^bias), each placement crossed with each bias. --key-scales multiplies the rows' keys where they are read
+(config rows_key_scale: a row's logit times the scale), and
 --genesis adds the perplexity of tokens 4k-8k of Genesis with the sidecar on (bench/memory_harm.py's no-harm
 figure; sidecar off it is 8.523). Per placement:
 
@@ -35,7 +34,6 @@ import numpy as np
 
 from cortex_edge.runtime import chat_memory, niah
 from cortex_edge.runtime import memory_tasks as mt
-from cortex_edge.runtime import rows as rows_mod
 from cortex_edge.runtime.bundle import load_bundle
 from cortex_edge.runtime.chat import Chat
 from cortex_edge.runtime.engine import Engine
@@ -70,17 +68,6 @@ def journey(engine: Engine, facts, questions, passages: int, first_verse: int = 
     return out
 
 
-def scaled_views(views, scale: float):
-    """runtime/rows.py's views with every key times scale."""
-    if scale == 1.0:
-        return views
-
-    def scaled(rs, cfg, fmt):
-        keys, values = views(rs, cfg, fmt)
-        return [k * np.float32(scale) for k in keys], values
-    return scaled
-
-
 def genesis(engine: Engine) -> float:
     """Perplexity of Genesis tokens 4k-8k, sidecar on (bench/memory_harm.py's far figure)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -97,7 +84,7 @@ def main():
     ap.add_argument("bundle")
     ap.add_argument("--places", default="slot,0,16,32", help="slot, or gaps for recency")
     ap.add_argument("--biases", default="0", help="row logit biases (config rows_bias)")
-    ap.add_argument("--key-scales", default="1", help="factors on the rows' keys where they are read")
+    ap.add_argument("--key-scales", default="1", help="factors on the rows' keys (config rows_key_scale)")
     ap.add_argument("--genesis", action="store_true", help="also Genesis perplexity at tokens 4k-8k, sidecar on")
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
@@ -106,14 +93,12 @@ def main():
     engine = Engine(load_bundle(a.bundle), threads=a.threads)
     base = engine.cfg
     rows = []
-    views = rows_mod.views
     for name, bias, scale in ((n, float(b), float(k)) for n in a.places.split(",") for b in a.biases.split(",")
                               for k in a.key_scales.split(",")):
         t0 = time.perf_counter()
-        rows_mod.views = scaled_views(views, scale)
         place, gap = ("slot", 0) if name == "slot" else ("recency", int(name))
         engine.cfg = dataclasses.replace(base, cms=dataclasses.replace(base.cms, rows_place=place, rows_gap=gap,
-                                                                       rows_bias=bias))
+                                                                       rows_bias=bias, rows_key_scale=scale))
         nr = niah.run(engine, [2048], a.samples, memory_modes=(True,), first=FIRST)["rows"][0]
         cm = chat_memory.run(engine, [2048], a.samples, control=False, reference=False, first=FIRST)["rows"][0]
         row = {"place": place, "gap": gap, "bias": bias, "key_scale": scale, "niah_2k": nr["accuracy"], "chat_memory_2k": cm["accuracy"],
@@ -125,7 +110,6 @@ def main():
               f"{sum(x['correct'] for x in row['journey'])}/1, three facts "
               f"{sum(x['correct'] for x in row['three_facts'])}/3"
               + (f", Genesis 4k-8k {row['genesis_4k_8k']:.3f}" if a.genesis else ""), flush=True)
-    rows_mod.views = views
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"bundle": a.bundle, "samples": a.samples, "first": FIRST, "rows": rows,

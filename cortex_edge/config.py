@@ -48,6 +48,7 @@ class CMSConfig:
     #                           "recency" (the k-th newest row held at distance rows_gap + k + 1)
     rows_gap: int = 0  # with "recency": distances kept free between the query and the newest row
     rows_bias: float = 0.0  # added to a visible row's attention logit in every row layer (its weight times e^bias)
+    rows_key_scale: float = 1.0  # the rows' keys times this where they are read (a visible row's logit times it)
 
     @property
     def levels(self) -> int:
@@ -91,6 +92,9 @@ class CMSConfig:
         if isinstance(self.rows_bias, bool) or not isinstance(self.rows_bias, (int, float)) \
                 or not 0.0 <= self.rows_bias <= 16.0:
             raise ConfigError("cms.rows_bias must be a number in [0, 16]")
+        if isinstance(self.rows_key_scale, bool) or not isinstance(self.rows_key_scale, (int, float)) \
+                or not 0.0 < self.rows_key_scale <= 16.0:
+            raise ConfigError("cms.rows_key_scale must be a number in (0, 16]")
         if self.rows_place not in ROW_PLACES:
             raise ConfigError(f"cms.rows_place must be one of {ROW_PLACES}, got {self.rows_place!r}")
 

@@ -102,7 +102,7 @@ def empty(cfg: ModelConfig, fmt: str) -> RowState:
 
 def views(rs: RowState, cfg: ModelConfig, fmt: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """fp32, per row layer: keys (KV, R, hd) rotated where they are read, in the sinks' own frame (the engine
-    rotates them on into each chunk's frame), and values (KV, R, hd)."""
+    rotates them on into each chunk's frame) and times rows_key_scale, and values (KV, R, hd)."""
     c = cfg.cms
     lr, KV, hd = len(c.row_layers(cfg.n_layers)), cfg.n_kv_heads, cfg.head_dim
     k = state_codec.decode(rs.keys, fmt).reshape(c.rows, lr, KV, hd)
@@ -112,6 +112,8 @@ def views(rs: RowState, cfg: ModelConfig, fmt: str) -> tuple[list[np.ndarray], l
         k = k.copy()
         for j in np.flatnonzero(move):
             k[j] = ring.rotate(k[j], int(move[j]), cfg.rope_theta, cfg.rope_freq_divisors)
+    if c.rows_key_scale != 1.0:
+        k = k * np.float32(c.rows_key_scale)
     return ([np.ascontiguousarray(k[:, i].transpose(1, 0, 2)) for i in range(lr)],
             [np.ascontiguousarray(v[:, i].transpose(1, 0, 2)) for i in range(lr)])
 

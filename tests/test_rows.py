@@ -22,10 +22,10 @@ def _rows_model(place: str = "slot"):
 
     _, tok, meta = builtin("builtin:tiny")
     cfg = tiny_rows_config()
-    # a gap and a row bias, so that the reference and the runtime are compared with them
-    gap, bias = (3, 1.5) if place == "recency" else (0, 0.0)
+    # a gap, a row bias and a key scale, so that the reference and the runtime are compared with them
+    gap, bias, scale = (3, 1.5, 1.25) if place == "recency" else (0, 0.0, 1.0)
     m = build(dataclasses.replace(cfg, cms=dataclasses.replace(cfg.cms, rows_place=place, rows_gap=gap,
-                                                               rows_bias=bias)), seed=3)
+                                                               rows_bias=bias, rows_key_scale=scale)), seed=3)
     with torch.no_grad():  # a gate that lets about half the tokens in
         m.cms_write.rows.gate.weight.normal_(0.0, 2.0, generator=torch.Generator().manual_seed(1))
         m.cms_write.rows.gate.bias.fill_(0.0)
@@ -370,11 +370,12 @@ def test_recency_reads_the_held_rows_in_token_order_newest_nearest(rows_model_re
     per_slot = stored.reshape(R, len(rk), cfg.n_kv_heads, hd)
     for j in (1, 2, 5, 6):
         want = ring.rotate(per_slot[j, 0], int(pos[j] - rows.row_position(j, cfg)), cfg.rope_theta)
-        np.testing.assert_allclose(rk[0][:, j], want, atol=1e-6)
-    np.testing.assert_array_equal(rk[0][:, 0], per_slot[0, 0])  # an empty slot is not moved
+        np.testing.assert_allclose(rk[0][:, j], want * cfg.cms.rows_key_scale, atol=1e-6)
+    assert cfg.cms.rows_key_scale == 1.25
+    np.testing.assert_array_equal(rk[0][:, 0], per_slot[0, 0] * np.float32(1.25))  # an empty slot is not moved
 
 
-def test_the_row_bias_raises_a_visible_rows_logit_and_is_read(rows_bundle_recency):
+def test_the_row_bias_and_key_scale_change_only_visible_rows_logits_and_are_read(rows_bundle_recency):
     import dataclasses
 
     from cortex_edge.runtime import ring, rows
@@ -384,16 +385,18 @@ def test_the_row_bias_raises_a_visible_rows_logit_and_is_read(rows_bundle_recenc
     m = rows.mask(np.array([3, -1, 60]), np.array([70, 110]), window=48, bias=1.5)
     np.testing.assert_array_equal(m, [[1.5, ring.NEG_INF, ring.NEG_INF], [1.5, ring.NEG_INF, 1.5]])
     eng = Engine(load_bundle(rows_bundle_recency), threads=1)
-    assert eng.cfg.cms.rows_bias == 1.5  # the bundle carries it (the torch parity tests run with it)
+    # the bundle carries them (the torch parity tests run with them)
+    assert (eng.cfg.cms.rows_bias, eng.cfg.cms.rows_key_scale) == (1.5, 1.25)
     ids = _ids(300, seed=7)
-    biased = eng.feed(eng.new_state(), ids, all_logits=True)
+    louder = eng.feed(eng.new_state(), ids, all_logits=True)
     base = eng.cfg
-    eng.cfg = dataclasses.replace(base, cms=dataclasses.replace(base.cms, rows_bias=0.0))
-    plain = eng.feed(eng.new_state(), ids, all_logits=True)
-    eng.cfg = base
     first = base.window + 1  # no row is visible before its token has left the window
-    np.testing.assert_allclose(biased[:first], plain[:first], atol=1e-5)
-    assert np.max(np.abs(biased[200:] - plain[200:])) > 1e-3
+    for change in ({"rows_bias": 0.0}, {"rows_key_scale": 4.0}):  # (this random model's row logits are small)
+        eng.cfg = dataclasses.replace(base, cms=dataclasses.replace(base.cms, **change))
+        plain = eng.feed(eng.new_state(), ids, all_logits=True)
+        np.testing.assert_allclose(louder[:first], plain[:first], atol=1e-5)
+        assert np.max(np.abs(louder[200:] - plain[200:])) > 1e-3, change
+    eng.cfg = base
 
 
 def test_an_answer_counts_only_the_whole_value():

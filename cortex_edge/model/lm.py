@@ -437,9 +437,14 @@ class TorchStream:
         return rotate(x, *rope_cos_sin(torch.tensor(delta), cfg.head_dim, cfg.rope_theta, cfg.rope_freq_divisors))
 
     def row_keys_read(self) -> list[torch.Tensor]:
-        """The row keys in the sinks' own frame, as they are read. A slot's key is stored rotated at
-        S + W - 1 - (R - j); with rows_place "recency" the held rows are read in token order, the k-th newest at
-        S + W - 2 - rows_gap - k."""
+        """The row keys in the sinks' own frame, as they are read, times rows_key_scale. A slot's key is stored
+        rotated at S + W - 1 - (R - j); with rows_place "recency" the held rows are read in token order, the
+        k-th newest at S + W - 2 - rows_gap - k."""
+        scale = float(self.cfg.cms.rows_key_scale)
+        keys = self._row_keys_placed()
+        return keys if scale == 1.0 else [k * scale for k in keys]
+
+    def _row_keys_placed(self) -> list[torch.Tensor]:
         cfg = self.cfg
         if cfg.cms.rows_place == "slot":
             return self.row_k
