@@ -10,6 +10,7 @@ state are the same for every placement: only the read changes, so one bundle ser
 in-process). --biases adds a constant to every visible row's attention logit (config rows_bias: a row's weight
 times e^bias), each placement crossed with each bias. --key-scales multiplies the rows' keys where they are read
 (config rows_key_scale: a row's logit times the scale), and
+--thresholds replaces the write gate's threshold tau (config rows_threshold), and
 --genesis adds the perplexity of tokens 4k-8k of Genesis with the sidecar on (bench/memory_harm.py's no-harm
 figure; sidecar off it is 8.523). Per placement:
 
@@ -85,6 +86,8 @@ def main():
     ap.add_argument("--places", default="slot,0,16,32", help="slot, or gaps for recency")
     ap.add_argument("--biases", default="0", help="row logit biases (config rows_bias)")
     ap.add_argument("--key-scales", default="1", help="factors on the rows' keys (config rows_key_scale)")
+    ap.add_argument("--thresholds", default=None, help="write thresholds (config rows_threshold; default: the "
+                    "bundle's)")
     ap.add_argument("--genesis", action="store_true", help="also Genesis perplexity at tokens 4k-8k, sidecar on")
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
@@ -93,20 +96,22 @@ def main():
     engine = Engine(load_bundle(a.bundle), threads=a.threads)
     base = engine.cfg
     rows = []
-    for name, bias, scale in ((n, float(b), float(k)) for n in a.places.split(",") for b in a.biases.split(",")
-                              for k in a.key_scales.split(",")):
+    taus = [base.cms.rows_threshold] if a.thresholds is None else [float(t) for t in a.thresholds.split(",")]
+    for name, bias, scale, tau in ((n, float(b), float(k), t) for n in a.places.split(",")
+                                   for b in a.biases.split(",") for k in a.key_scales.split(",") for t in taus):
         t0 = time.perf_counter()
         place, gap = ("slot", 0) if name == "slot" else ("recency", int(name))
         engine.cfg = dataclasses.replace(base, cms=dataclasses.replace(base.cms, rows_place=place, rows_gap=gap,
-                                                                       rows_bias=bias, rows_key_scale=scale))
+                                                                       rows_bias=bias, rows_key_scale=scale,
+                                                                       rows_threshold=tau))
         nr = niah.run(engine, [2048], a.samples, memory_modes=(True,), first=FIRST)["rows"][0]
         cm = chat_memory.run(engine, [2048], a.samples, control=False, reference=False, first=FIRST)["rows"][0]
-        row = {"place": place, "gap": gap, "bias": bias, "key_scale": scale, "niah_2k": nr["accuracy"], "chat_memory_2k": cm["accuracy"],
+        row = {"place": place, "gap": gap, "bias": bias, "key_scale": scale, "threshold": tau, "niah_2k": nr["accuracy"], "chat_memory_2k": cm["accuracy"],
                "journey": journey(engine, *ONE), "three_facts": journey(engine, *THREE),
                "genesis_4k_8k": genesis(engine) if a.genesis else None,
                "seconds": round(time.perf_counter() - t0, 1)}
         rows.append(row)
-        print(f"{name:>5} bias {bias:g} key scale {scale:g}: pass keys {row['niah_2k']:.3f}, chat facts {row['chat_memory_2k']:.3f}, journey "
+        print(f"{name:>5} bias {bias:g} key scale {scale:g} threshold {tau:g}: pass keys {row['niah_2k']:.3f}, chat facts {row['chat_memory_2k']:.3f}, journey "
               f"{sum(x['correct'] for x in row['journey'])}/1, three facts "
               f"{sum(x['correct'] for x in row['three_facts'])}/3"
               + (f", Genesis 4k-8k {row['genesis_4k_8k']:.3f}" if a.genesis else ""), flush=True)
@@ -115,6 +120,7 @@ def main():
             json.dump({"bundle": a.bundle, "samples": a.samples, "first": FIRST, "rows": rows,
                        "command": f"python bench/row_placement.py BUNDLE --places {a.places} --biases {a.biases} "
                                   f"--key-scales {a.key_scales} --samples {a.samples}"
+                                  + ("" if a.thresholds is None else f" --thresholds {a.thresholds}")
                                   + (" --genesis" if a.genesis else "")},
                       f, indent=1)
 
