@@ -26,6 +26,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import NEW_TOKENS, PROMPTS, TEXT, log_softmax  # noqa: E402
 
 
+def genesis(eng, memory: bool = True):
+    """Perplexity of cortex_edge/model/data/genesis_kjv.txt at tokens 0-1k and 4k-8k, and the state after it."""
+    from cortex_edge.runtime.chat import Chat
+
+    ids = Chat(eng).plain.encode(TEXT.read_text(), add_special_tokens=False).ids[:8192]
+    st = eng.new_state()
+    lg = eng.feed(st, np.array(ids), all_logits=True, memory=memory)
+    nll = -log_softmax(lg[:-1])[np.arange(len(ids) - 1), ids[1:]]
+    return {"0-1k": float(np.exp(nll[:1023].mean())), "4k-8k": float(np.exp(nll[4095:8191].mean()))}, st
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bundle")
@@ -57,16 +68,10 @@ def main():
         lp, lq = log_softmax(off), log_softmax(on)
         agree.append(float(np.mean(off.argmax(-1) == on.argmax(-1))))
         kls.append(float(np.mean(np.sum(np.exp(lp) * (lp - lq), -1))))
-    ids = chat.plain.encode(TEXT.read_text(), add_special_tokens=False).ids[:8192]
-    ppl, rows = {}, None
-    for mem in (False, True):
-        st = eng.new_state()
-        lg = eng.feed(st, np.array(ids), all_logits=True, memory=mem)
-        nll = -log_softmax(lg[:-1])[np.arange(len(ids) - 1), ids[1:]]
-        ppl["on" if mem else "off"] = {"0-1k": float(np.exp(nll[:1023].mean())),
-                                        "4k-8k": float(np.exp(nll[4095:8191].mean()))}
-        if mem and st.rows is not None:
-            rows = int(np.sum(st.rows.token >= 0))
+    ppl = {}
+    ppl["off"], _ = genesis(eng, memory=False)
+    ppl["on"], st = genesis(eng, memory=True)
+    rows = None if st.rows is None else int(np.sum(st.rows.token >= 0))
     rep = {"bundle": args.bundle, "in_window": {"prompts": len(PROMPTS), "tokens_each": NEW_TOKENS,
                                                   "top1_agreement": float(np.mean(agree)), "mean_kl": float(np.mean(kls))},
            "genesis_perplexity": ppl, "genesis_rows_kept": rows,

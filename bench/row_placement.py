@@ -31,14 +31,15 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from cortex_edge.runtime import chat_memory, niah
 from cortex_edge.runtime import memory_tasks as mt
 from cortex_edge.runtime.bundle import load_bundle
 from cortex_edge.runtime.chat import Chat
 from cortex_edge.runtime.engine import Engine
 from cortex_edge.runtime.sampling import Sampling
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from memory_harm import genesis  # noqa: E402
 
 FIRST = 500  # validation samples: disjoint from the evaluation's 0..
 ONE = (["My cat is called Pixel."], [("What is my cat called?", "Pixel")], 4)
@@ -69,25 +70,19 @@ def journey(engine: Engine, facts, questions, passages: int, first_verse: int = 
     return out
 
 
-def genesis(engine: Engine) -> float:
-    """Perplexity of Genesis tokens 4k-8k, sidecar on (bench/memory_harm.py's far figure)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from quality import TEXT, log_softmax
-
-    ids = Chat(engine).plain.encode(TEXT.read_text(), add_special_tokens=False).ids[:8192]
-    lg = engine.feed(engine.new_state(), np.array(ids), all_logits=True)
-    nll = -log_softmax(lg[:-1])[np.arange(len(ids) - 1), ids[1:]]
-    return float(np.exp(nll[4095:8191].mean()))
+def _values(arg: str | None, current: float) -> list[float]:
+    """A comma-separated sweep, or the bundle's own value when the flag is not given."""
+    return [current] if arg is None else [float(v) for v in arg.split(",")]
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bundle")
     ap.add_argument("--places", default="slot,0,16,32", help="slot, or gaps for recency")
-    ap.add_argument("--biases", default="0", help="row logit biases (config rows_bias)")
-    ap.add_argument("--key-scales", default="1", help="factors on the rows' keys (config rows_key_scale)")
-    ap.add_argument("--thresholds", default=None, help="write thresholds (config rows_threshold; default: the "
-                    "bundle's)")
+    # each sweep defaults to the bundle's own value
+    ap.add_argument("--biases", default=None, help="row logit biases (config rows_bias)")
+    ap.add_argument("--key-scales", default=None, help="factors on the rows' keys (config rows_key_scale)")
+    ap.add_argument("--thresholds", default=None, help="write thresholds (config rows_threshold)")
     ap.add_argument("--genesis", action="store_true", help="also Genesis perplexity at tokens 4k-8k, sidecar on")
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
@@ -96,9 +91,11 @@ def main():
     engine = Engine(load_bundle(a.bundle), threads=a.threads)
     base = engine.cfg
     rows = []
-    taus = [base.cms.rows_threshold] if a.thresholds is None else [float(t) for t in a.thresholds.split(",")]
-    for name, bias, scale, tau in ((n, float(b), float(k), t) for n in a.places.split(",")
-                                   for b in a.biases.split(",") for k in a.key_scales.split(",") for t in taus):
+    c = base.cms
+    for name, bias, scale, tau in ((n, b, k, t) for n in a.places.split(",")
+                                   for b in _values(a.biases, c.rows_bias)
+                                   for k in _values(a.key_scales, c.rows_key_scale)
+                                   for t in _values(a.thresholds, c.rows_threshold)):
         t0 = time.perf_counter()
         place, gap = ("slot", 0) if name == "slot" else ("recency", int(name))
         engine.cfg = dataclasses.replace(base, cms=dataclasses.replace(base.cms, rows_place=place, rows_gap=gap,
@@ -106,22 +103,24 @@ def main():
                                                                        rows_threshold=tau))
         nr = niah.run(engine, [2048], a.samples, memory_modes=(True,), first=FIRST)["rows"][0]
         cm = chat_memory.run(engine, [2048], a.samples, control=False, reference=False, first=FIRST)["rows"][0]
-        row = {"place": place, "gap": gap, "bias": bias, "key_scale": scale, "threshold": tau, "niah_2k": nr["accuracy"], "chat_memory_2k": cm["accuracy"],
+        row = {"place": place, "gap": gap, "bias": bias, "key_scale": scale, "threshold": tau,
+               "niah_2k": nr["accuracy"], "chat_memory_2k": cm["accuracy"],
                "journey": journey(engine, *ONE), "three_facts": journey(engine, *THREE),
-               "genesis_4k_8k": genesis(engine) if a.genesis else None,
+               "genesis_4k_8k": genesis(engine)[0]["4k-8k"] if a.genesis else None,
                "seconds": round(time.perf_counter() - t0, 1)}
         rows.append(row)
-        print(f"{name:>5} bias {bias:g} key scale {scale:g} threshold {tau:g}: pass keys {row['niah_2k']:.3f}, chat facts {row['chat_memory_2k']:.3f}, journey "
+        print(f"{name:>5} bias {bias:g} key scale {scale:g} threshold {tau:g}: pass keys {row['niah_2k']:.3f}, "
+              f"chat facts {row['chat_memory_2k']:.3f}, journey "
               f"{sum(x['correct'] for x in row['journey'])}/1, three facts "
               f"{sum(x['correct'] for x in row['three_facts'])}/3"
               + (f", Genesis 4k-8k {row['genesis_4k_8k']:.3f}" if a.genesis else ""), flush=True)
     if a.json:
         with open(a.json, "w") as f:
+            sweeps = "".join(f" --{flag} {v}" for flag, v in (("biases", a.biases), ("key-scales", a.key_scales),
+                                                              ("thresholds", a.thresholds)) if v is not None)
             json.dump({"bundle": a.bundle, "samples": a.samples, "first": FIRST, "rows": rows,
-                       "command": f"python bench/row_placement.py BUNDLE --places {a.places} --biases {a.biases} "
-                                  f"--key-scales {a.key_scales} --samples {a.samples}"
-                                  + ("" if a.thresholds is None else f" --thresholds {a.thresholds}")
-                                  + (" --genesis" if a.genesis else "")},
+                       "command": f"python bench/row_placement.py BUNDLE --places {a.places}{sweeps} "
+                                  f"--samples {a.samples}" + (" --genesis" if a.genesis else "")},
                       f, indent=1)
 
 
