@@ -632,7 +632,9 @@ def info(bundle):
                    f"gate > {c.cms.rows_threshold}" + (f" (or one of the next {c.cms.rows_lookahead} tokens')"
                                                         if c.cms.rows_lookahead else "")
                    + (f"; read in token order, the newest {c.cms.rows_gap + 1} positions back"
-                      if c.cms.rows_place == "recency" else ""))
+                      if c.cms.rows_place == "recency" else "")
+                   + (f"; keys x {c.cms.rows_key_scale}" if c.cms.rows_key_scale != 1 else "")
+                   + (f"; logits + {c.cms.rows_bias}" if c.cms.rows_bias else ""))
     click.echo(f"formats     weights {b.weights}, state {b.state_format}")
     # the validation section is the exporter's report, outside the fingerprint: shown only when well-formed
     val = m.get("validation")

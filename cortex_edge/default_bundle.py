@@ -17,8 +17,9 @@ DEFAULT_SOURCE = "smollm2"  # SmolLM2-135M-Instruct, the GGUF inside the PyPI pa
 #  3: RoPE as onnxruntime's RotaryEmbedding kernel; 4: the trained row memory, export/data/smollm2_sidecar.safetensors;
 #  5: its gate retrained with value-first statements, rows committed one event later;
 #  6: the gate trained on repetitive-filler haystacks too: revision 5's fired on the pass-key filler;
-#  7: the same gate, its rows read by recency 16 distances back (config.rows_place, rows_gap))
-EXPORT_REVISION = 7
+#  7: the same gate, its rows read by recency 16 distances back (config.rows_place, rows_gap);
+#  8: the same gate, a token kept only above 0.97 and the rows' keys read 1.5 times louder (rows_key_scale))
+EXPORT_REVISION = 8
 
 
 def cache_dir() -> Path:

@@ -263,6 +263,10 @@ def test_the_shipped_sidecar_fits_one_a76_core_l2():
             state_codec.nbytes(state_codec.encode(lv.keys, "int8")[0]) + lv.usage.nbytes
     assert size <= 512 * 1024, size
     assert c.rows_from == 8 and 0 < c.rows_threshold < 1 and info["source"] == "smollm2"
+    # the shipped file is what the recipe writes: the read threshold above the gate's precision floor, keys louder
+    assert c.rows_threshold == info["threshold"] == max(info["precision_floor"], rows_train.READ_THRESHOLD)
+    assert c.rows_key_scale == rows_train.ROWS_KEY_SCALE and c.rows_lookahead == info["lookahead"]
+    assert info["validation"]["precision"] >= info["validation_floor"]["precision"] >= rows_train.TARGET_PRECISION
 
 
 def test_gate_training_learns_and_the_sidecar_round_trips(tmp_path):

@@ -234,12 +234,20 @@ def choose_lookahead(rep: dict) -> int:
 N_CHAT, N_TEXT = 500, 450  # training sequences (about 600k tokens)
 FILLER_SHARE = 1 / 3  # of the texts: repetitive filler as haystack (mt.filler_unit), the rest real text
 N_VAL_CHAT, N_VAL_TEXT = 40, 30  # validation sequences (seeds of their own), for the threshold
-TARGET_PRECISION = 0.99  # the threshold: the lowest whose validation precision reaches this
+TARGET_PRECISION = 0.99  # the gate's own floor: the lowest threshold whose validation precision reaches this
+# How the rows are written and read, chosen end to end on validation seeds (bench/row_placement.py --thresholds
+# --key-scales; docs/memory.md): a token is kept only when its gate > 0.97 (fewer, surer rows) and the rows' keys
+# are read 1.5 times louder. Pass keys, chat facts and Genesis perplexity decided it; the gate's training does not
+# depend on either.
+READ_THRESHOLD = 0.97
+ROWS_KEY_SCALE = 1.5
 TARGET_RECALL = 0.99  # the lookahead: the smallest whose validation recall of statement tokens reaches this
 
 
 def choose_threshold(gate: Gate, h: torch.Tensor, y: torch.Tensor) -> tuple[float, dict]:
-    ts = [round(0.05 * i, 2) for i in range(2, 20)]
+    """-> (the gate's precision floor: the lowest threshold whose validation precision reaches TARGET_PRECISION,
+    the report, READ_THRESHOLD's included)."""
+    ts = sorted({round(0.05 * i, 2) for i in range(2, 20)} | {READ_THRESHOLD})
     rep = gate_report(gate, h, y, ts)
     ok = [t for t in ts if rep[str(t)]["precision"] >= TARGET_PRECISION]
     return (ok[0] if ok else ts[-1]), rep
@@ -274,15 +282,19 @@ def train_sidecar(source: str, out: Path, cache: Path, rows: int = 48, steps: in
     gate = train_gate(h, y, c.dim, 128, c.norm_eps, steps=steps, seed=seed,
                       log=lambda r: log(f"step {r['step']}: loss {r['loss']:.4f}"))
     hv, yv, lv = load_cache(cache / "val", n=N_VAL_CHAT + N_VAL_TEXT)
-    tau, rep = choose_threshold(gate, hv, yv)
-    with torch.no_grad():
-        look = lookahead_report(torch.sigmoid(gate(hv)).numpy(), yv.numpy(), lv, tau)
+    floor, rep = choose_threshold(gate, hv, yv)
+    with torch.no_grad():  # the lookahead is the gate's: chosen at its precision floor
+        look = lookahead_report(torch.sigmoid(gate(hv)).numpy(), yv.numpy(), lv, floor)
     L = choose_lookahead(look)
+    tau = max(floor, READ_THRESHOLD)
     cms = row_cms_config(c.n_layers, c.cms.chunk, tau, rows=rows, lookahead=L)
     info = {"source": source, "training_tokens": int(h.shape[0]), "positive_tokens": int(y.sum()), "steps": steps,
-            "seed": seed, "threshold": tau, "validation": rep[str(tau)], "lookahead": L,
-            "validation_lookahead": look, "seconds": round(time.time() - t0, 1)}
+            "seed": seed, "threshold": tau, "validation": rep[str(tau)], "precision_floor": floor,
+            "validation_floor": rep[str(floor)], "lookahead": L, "validation_lookahead": look,
+            "seconds": round(time.time() - t0, 1)}
     save_sidecar(out, gate, cms, c.memory_layer, info)
+    log(f"precision floor {floor}: validation precision {rep[str(floor)]['precision']:.3f}, "
+        f"recall {rep[str(floor)]['recall']:.3f}")
     log(f"threshold {tau}: validation precision {rep[str(tau)]['precision']:.3f}, recall {rep[str(tau)]['recall']:.3f}, "
         f"false positives {rep[str(tau)]['false_positive_rate']:.2e} of other tokens")
     log(f"lookahead {L}: statement tokens kept {look[str(L)]['recall']:.3f}, other tokens "
@@ -296,17 +308,17 @@ SIDECAR_FORMAT = "cortex-edge-sidecar"
 
 
 def row_cms_config(n_layers: int, chunk: int, threshold: float, rows: int = 48, rows_from: int | None = None,
-                   lookahead: int = 0, place: str = "recency", gap: int = 16):
+                   lookahead: int = 0, place: str = "recency", gap: int = 16, key_scale: float = ROWS_KEY_SCALE):
     """The CMS of a backbone with a row level: the row level does the remembering; the residual levels are kept
     at one small level (its read gate closed, W_o = 0) so that the whole state fits one A76 core's L2. The rows
-    are read by recency, 16 distances back (config.rows_place, rows_gap: chosen on validation seeds, docs/memory.md);
-    the gate's training does not depend on it."""
+    are read by recency, 16 distances back, their keys 1.5 times louder (config.rows_place, rows_gap,
+    rows_key_scale: chosen on validation seeds, docs/memory.md); the gate's training does not depend on them."""
     from cortex_edge.config import CMSConfig
 
     return CMSConfig(slots=(16,), widths=(64,), key_dim=32, event_dim=128, chunk=chunk, write_every=(1,),
                      decay=(0.05,), rows=rows, rows_from=(4 * n_layers) // 15 if rows_from is None else rows_from,
                      rows_threshold=threshold, rows_decay=1e-3, rows_lookahead=lookahead, rows_place=place,
-                     rows_gap=gap)
+                     rows_gap=gap, rows_key_scale=key_scale)
 
 
 def save_sidecar(path: Path, gate: Gate, cms, memory_layer: int, info: dict) -> None:
