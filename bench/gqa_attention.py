@@ -9,7 +9,9 @@ window masks as attention_bias. The sinks and rows are written into the buffer a
 position the caller chooses, which is what lets them sit at a fixed distance from the query. Checked against a
 NumPy reference for decode and chunks (1, 5, 64 tokens), causal=1 and causal=0 (the chunk's causality then from
 the bias), then timed: median microseconds of a decode call with S + R + W rows in use.
-Also timed in fp16 (buffers and kernel), the KV cache a fp16 store would run.
+Also timed in fp16 (buffers and kernel), the KV cache a fp16 store would run, and (`cycled`) a decode step's 30
+layers in turn, each over a buffer of its own (as a step reads them: out of cache), fp32 against the kernel's 8-bit
+cache (kv_cache_bit_width 8, static per-channel k_scale / v_scale) at 564, 1,076 and 1,390 rows in use.
 What this leaves out: the rest of the layer (the exported graph: runtime/ring.py, cortex_edge/model/lm.py).
 """
 
@@ -185,6 +187,79 @@ def run(causal, threads=2, dt=np.float32):
     }
 
 
+def build_decode(int8: bool) -> bytes:
+    """A decode-step graph (T = 1, packed q/k/v) over SmolLM2's buffer of 1,396 rows, its cache fp32 or int8."""
+    cap = 1396
+    dt = TP.INT8 if int8 else TP.FLOAT
+    ins = ["qkv", "", "", "pk", "pv", "seqlens_k", "total", "cos", "sin", "pos", "bias"]
+    attrs = dict(num_heads=NH, kv_num_heads=KVH, do_rotary=1, causal=1)
+    extra = []
+    if int8:
+        ins += ["", "ks", "vs"]
+        attrs.update(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=8)
+        extra = [h.make_tensor_value_info(n, TP.FLOAT, [1, KVH, 1, HD]) for n in ("ks", "vs")]
+    g = h.make_graph(
+        [h.make_node("GroupQueryAttention", ins, ["out", "ck", "cv"], domain="com.microsoft", **attrs)], "g",
+        [h.make_tensor_value_info("qkv", TP.FLOAT, [1, 1, (NH + 2 * KVH) * HD]),
+         h.make_tensor_value_info("pk", dt, [1, KVH, cap, HD]), h.make_tensor_value_info("pv", dt, [1, KVH, cap, HD]),
+         h.make_tensor_value_info("seqlens_k", TP.INT32, [1]), h.make_tensor_value_info("total", TP.INT32, []),
+         h.make_tensor_value_info("cos", TP.FLOAT, [cap + 64, HD // 2]),
+         h.make_tensor_value_info("sin", TP.FLOAT, [cap + 64, HD // 2]),
+         h.make_tensor_value_info("pos", TP.INT64, [1, 1]), h.make_tensor_value_info("bias", TP.FLOAT, [1, 1, 1, "L"])]
+        + extra,
+        [h.make_tensor_value_info("out", TP.FLOAT, [1, 1, NH * HD]), h.make_tensor_value_info("ck", dt, [1, KVH, cap, HD]),
+         h.make_tensor_value_info("cv", dt, [1, KVH, cap, HD])])
+    m = h.make_model(g, ir_version=10, opset_imports=[h.make_opsetid("", 20), h.make_opsetid("com.microsoft", 1)])
+    return m.SerializeToString()
+
+
+def cycled(threads: int, layers: int = 30) -> list[dict]:
+    """Median microseconds a layer of `layers` decode calls in turn, each over its own buffers, fp32 and int8."""
+    cap, out = 1396, []
+    rng = np.random.default_rng(1)
+    cos, sin = rope_tables(cap + 64)
+    for int8 in (False, True):
+        o = ort.SessionOptions()
+        o.intra_op_num_threads = threads
+        sess = ort.InferenceSession(build_decode(int8), o, providers=["CPUExecutionProvider"])
+        scale = np.full((1, KVH, 1, HD), 4.0 / 127, np.float32)
+        bufs = []
+        for _ in range(layers):
+            kv = [rng.standard_normal((1, KVH, cap, HD)).astype(np.float32) for _ in range(2)]
+            if int8:
+                kv = [np.clip(np.rint(x / scale), -127, 127).astype(np.int8) for x in kv]
+            bufs.append([ort.OrtValue.ortvalue_from_numpy(x) for x in kv])
+        for used in (564, 1076, 1390):
+            binds = []
+            for kv, vv in bufs:
+                b = sess.io_binding()
+                feeds = {"qkv": rng.standard_normal((1, 1, (NH + 2 * KVH) * HD)).astype(np.float32),
+                         "seqlens_k": np.array([used], np.int32), "total": np.array(used + 1, np.int32), "cos": cos,
+                         "sin": sin, "pos": np.array([[used]], np.int64), "bias": np.zeros((1, 1, 1, used + 1), np.float32)}
+                if int8:
+                    feeds.update(ks=scale, vs=scale)
+                for n, a in feeds.items():
+                    b.bind_cpu_input(n, a)
+                b.bind_ortvalue_input("pk", kv)
+                b.bind_ortvalue_input("pv", vv)
+                b.bind_ortvalue_output("ck", kv)
+                b.bind_ortvalue_output("cv", vv)
+                b.bind_output("out")
+                binds.append(b)
+            ts = []
+            for r in range(25):
+                t0 = time.perf_counter()
+                for b in binds:
+                    sess.run_with_iobinding(b)
+                if r >= 3:
+                    ts.append((time.perf_counter() - t0) / layers)
+            us = float(1e6 * np.median(ts))
+            out.append({"cache": "int8" if int8 else "float32", "rows_in_use": used, "threads": threads,
+                        "decode_us_per_layer_p50": us})
+            print(f"{'int8' if int8 else 'fp32'} cache, {used} rows, {layers} layers in turn: {us:.0f} us a layer")
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -203,8 +278,10 @@ def main():
             "capacity": CAP,
         },
         "runs": rows,
+        "cycled": cycled(a.threads),
         "command": f"python bench/gqa_attention.py --threads {a.threads}",
-        "note": "float16: the buffers and the kernel in fp16 (a KV cache in fp16); errors against the fp32 reference",
+        "note": "float16: the buffers and the kernel in fp16 (a KV cache in fp16); errors against the fp32 reference; "
+                "cycled: 30 layers' buffers in turn, fp32 against the kernel's 8-bit cache (per-channel scales)",
     }
     with open(a.json, "w") as f:
         json.dump(rep, f, indent=1)
