@@ -11,7 +11,8 @@ NumPy reference for decode and chunks (1, 5, 64 tokens), causal=1 and causal=0 (
 the bias), then timed: median microseconds of a decode call with S + R + W rows in use.
 Also timed in fp16 (buffers and kernel), the KV cache a fp16 store would run, and (`cycled`) a decode step's 30
 layers in turn, each over a buffer of its own (as a step reads them: out of cache), fp32 against the kernel's 8-bit
-cache (kv_cache_bit_width 8, static per-channel k_scale / v_scale) at 564, 1,076 and 1,390 rows in use.
+cache (kv_cache_bit_width 8, static per-channel k_scale / v_scale) at 564, 1,076 and 1,390 rows in use; and
+(`int8_check`) what that 8-bit cache computes, checked against NumPy for decode steps and chunks.
 What this leaves out: the rest of the layer (the exported graph: runtime/ring.py, cortex_edge/model/lm.py).
 """
 
@@ -187,9 +188,8 @@ def run(causal, threads=2, dt=np.float32):
     }
 
 
-def build_decode(int8: bool) -> bytes:
-    """A decode-step graph (T = 1, packed q/k/v) over SmolLM2's buffer of 1,396 rows, its cache fp32 or int8."""
-    cap = 1396
+def build_decode(int8: bool, cap: int = 1396) -> bytes:
+    """A graph of packed q/k/v (T tokens) over a buffer of `cap` rows (SmolLM2's: 1,396), its cache fp32 or int8."""
     dt = TP.INT8 if int8 else TP.FLOAT
     ins = ["qkv", "", "", "pk", "pv", "seqlens_k", "total", "cos", "sin", "pos", "bias"]
     attrs = dict(num_heads=NH, kv_num_heads=KVH, do_rotary=1, causal=1)
@@ -200,17 +200,74 @@ def build_decode(int8: bool) -> bytes:
         extra = [h.make_tensor_value_info(n, TP.FLOAT, [1, KVH, 1, HD]) for n in ("ks", "vs")]
     g = h.make_graph(
         [h.make_node("GroupQueryAttention", ins, ["out", "ck", "cv"], domain="com.microsoft", **attrs)], "g",
-        [h.make_tensor_value_info("qkv", TP.FLOAT, [1, 1, (NH + 2 * KVH) * HD]),
+        [h.make_tensor_value_info("qkv", TP.FLOAT, [1, "T", (NH + 2 * KVH) * HD]),
          h.make_tensor_value_info("pk", dt, [1, KVH, cap, HD]), h.make_tensor_value_info("pv", dt, [1, KVH, cap, HD]),
          h.make_tensor_value_info("seqlens_k", TP.INT32, [1]), h.make_tensor_value_info("total", TP.INT32, []),
          h.make_tensor_value_info("cos", TP.FLOAT, [cap + 64, HD // 2]),
          h.make_tensor_value_info("sin", TP.FLOAT, [cap + 64, HD // 2]),
-         h.make_tensor_value_info("pos", TP.INT64, [1, 1]), h.make_tensor_value_info("bias", TP.FLOAT, [1, 1, 1, "L"])]
+         h.make_tensor_value_info("pos", TP.INT64, [1, "T"]), h.make_tensor_value_info("bias", TP.FLOAT, [1, 1, "T", "L"])]
         + extra,
-        [h.make_tensor_value_info("out", TP.FLOAT, [1, 1, NH * HD]), h.make_tensor_value_info("ck", dt, [1, KVH, cap, HD]),
+        [h.make_tensor_value_info("out", TP.FLOAT, [1, "T", NH * HD]), h.make_tensor_value_info("ck", dt, [1, KVH, cap, HD]),
          h.make_tensor_value_info("cv", dt, [1, KVH, cap, HD])])
     m = h.make_model(g, ir_version=10, opset_imports=[h.make_opsetid("", 20), h.make_opsetid("com.microsoft", 1)])
     return m.SerializeToString()
+
+
+def int8_check(threads: int) -> dict:
+    """What the 8-bit cache computes, against NumPy: the new keys rotated, then stored as clip(rint(k / k_scale))
+    in place (past and present one OrtValue), values likewise, and the attention read over scale × q, the
+    token's own rounded row included; decode steps and chunks (1, 1, 5, 1, 16 tokens). Returns the largest
+    errors: the output against that reference and against one reading its own row unrounded, and the stored
+    rows against the rounding (in int8 steps)."""
+    o = ort.SessionOptions()
+    o.intra_op_num_threads = threads
+    sess = ort.InferenceSession(build_decode(True, cap=CAP), o, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(2)
+    cos, sin = rope_tables(MAXP)
+    ks, vs = ((rng.random((1, KVH, 1, HD)) * 0.03 + 0.02).astype(np.float32) for _ in range(2))
+    kb = np.zeros((1, KVH, CAP, HD), np.int8)
+    vb = np.zeros_like(kb)
+    used = 40
+    kb[0, :, :used] = rng.integers(-100, 100, (KVH, used, HD))
+    vb[0, :, :used] = rng.integers(-100, 100, (KVH, used, HD))
+    kv, vv = ort.OrtValue.ortvalue_from_numpy(kb), ort.OrtValue.ortvalue_from_numpy(vb)
+    worst = {"max_error": 0.0, "max_error_if_own_row_unrounded": 0.0, "stored_rows_steps_off": 0}
+    for T in (1, 1, 5, 1, 16):
+        qkv = rng.standard_normal((1, T, (NH + 2 * KVH) * HD)).astype(np.float32)
+        pos = np.arange(used, used + T)[None].astype(np.int64)
+        total = used + T
+        bias = np.zeros((1, 1, T, total), np.float32)
+        for t in range(T):
+            bias[0, 0, t, used + t + 1:] = -1e9
+        q = qkv[0, :, :NH * HD].reshape(T, NH, HD)
+        k = qkv[0, :, NH * HD:(NH + KVH) * HD].reshape(T, KVH, HD).transpose(1, 0, 2)
+        v = qkv[0, :, (NH + KVH) * HD:].reshape(T, KVH, HD).transpose(1, 0, 2)
+        knew = rot(k, pos[0])
+        kq, vq = np.clip(np.rint(knew / ks[0]), -128, 127), np.clip(np.rint(v / vs[0]), -128, 127)
+        kold = kv.numpy()[0, :, :used].astype(np.float32) * ks[0]
+        vold = vv.numpy()[0, :, :used].astype(np.float32) * vs[0]
+        ref = reference(q, np.concatenate([kold, kq * ks[0]], 1), np.concatenate([vold, vq * vs[0]], 1), total, pos[0],
+                        bias[0, 0])
+        ref_f = reference(q, np.concatenate([kold, knew], 1), np.concatenate([vold, v], 1), total, pos[0], bias[0, 0])
+        b = sess.io_binding()
+        for n, a in {"qkv": qkv, "seqlens_k": np.array([total - 1], np.int32), "total": np.array(total, np.int32),
+                     "cos": cos, "sin": sin, "pos": pos, "bias": bias, "ks": ks, "vs": vs}.items():
+            b.bind_cpu_input(n, a)
+        b.bind_ortvalue_input("pk", kv)
+        b.bind_ortvalue_input("pv", vv)
+        b.bind_ortvalue_output("ck", kv)
+        b.bind_ortvalue_output("cv", vv)
+        b.bind_output("out")
+        sess.run_with_iobinding(b)
+        out = b.copy_outputs_to_cpu()[2][0]
+        worst["max_error"] = max(worst["max_error"], float(np.abs(out - ref).max()))
+        worst["max_error_if_own_row_unrounded"] = max(worst["max_error_if_own_row_unrounded"],
+                                                      float(np.abs(out - ref_f).max()))
+        stored = max(np.abs(kv.numpy()[0, :, used:total] - kq).max(), np.abs(vv.numpy()[0, :, used:total] - vq).max())
+        worst["stored_rows_steps_off"] = max(worst["stored_rows_steps_off"], int(stored))
+        used = total
+    print("int8 cache against NumPy:", worst)
+    return worst
 
 
 def cycled(threads: int, layers: int = 30) -> list[dict]:
@@ -278,6 +335,7 @@ def main():
             "capacity": CAP,
         },
         "runs": rows,
+        "int8_cache_check": int8_check(a.threads),
         "cycled": cycled(a.threads),
         "command": f"python bench/gqa_attention.py --threads {a.threads}",
         "note": "float16: the buffers and the kernel in fp16 (a KV cache in fp16); errors against the fp32 reference; "
