@@ -97,11 +97,9 @@ def reference(q, kbuf, vbuf, n_used, pos, bias):
     return (p @ vv).transpose(1, 0, 2).reshape(q.shape[0], NH * HD)
 
 
-def bind(sess, kv, vv, q, k, v, total, cos, sin, pos, bias):
-    """IO binding with past and present on the same OrtValues (kv, vv): GQA then writes new rows in place."""
+def bind_in_place(sess, kv, vv, feeds: dict):
+    """An IO binding of `feeds` with past and present bound to the same OrtValues (kv, vv): new rows in place."""
     b = sess.io_binding()
-    feeds = {"q": q, "k": k, "v": v, "seqlens_k": np.array([total - 1], np.int32), "total": np.array(total, np.int32),
-             "cos": cos, "sin": sin, "pos": pos, "bias": bias}
     for n, a in feeds.items():
         b.bind_cpu_input(n, a)
     b.bind_ortvalue_input("pk", kv)
@@ -110,6 +108,13 @@ def bind(sess, kv, vv, q, k, v, total, cos, sin, pos, bias):
     b.bind_ortvalue_output("cv", vv)
     b.bind_output("out")
     return b
+
+
+def bind(sess, kv, vv, q, k, v, total, cos, sin, pos, bias):
+    """IO binding with past and present on the same OrtValues (kv, vv): GQA then writes new rows in place."""
+    return bind_in_place(sess, kv, vv, {"q": q, "k": k, "v": v, "seqlens_k": np.array([total - 1], np.int32),
+                                        "total": np.array(total, np.int32), "cos": cos, "sin": sin, "pos": pos,
+                                        "bias": bias})
 
 
 def run(causal, threads=2, dt=np.float32):
@@ -249,15 +254,9 @@ def int8_check(threads: int) -> dict:
         ref = reference(q, np.concatenate([kold, kq * ks[0]], 1), np.concatenate([vold, vq * vs[0]], 1), total, pos[0],
                         bias[0, 0])
         ref_f = reference(q, np.concatenate([kold, knew], 1), np.concatenate([vold, v], 1), total, pos[0], bias[0, 0])
-        b = sess.io_binding()
-        for n, a in {"qkv": qkv, "seqlens_k": np.array([total - 1], np.int32), "total": np.array(total, np.int32),
-                     "cos": cos, "sin": sin, "pos": pos, "bias": bias, "ks": ks, "vs": vs}.items():
-            b.bind_cpu_input(n, a)
-        b.bind_ortvalue_input("pk", kv)
-        b.bind_ortvalue_input("pv", vv)
-        b.bind_ortvalue_output("ck", kv)
-        b.bind_ortvalue_output("cv", vv)
-        b.bind_output("out")
+        b = bind_in_place(sess, kv, vv, {"qkv": qkv, "seqlens_k": np.array([total - 1], np.int32),
+                                         "total": np.array(total, np.int32), "cos": cos, "sin": sin, "pos": pos,
+                                         "bias": bias, "ks": ks, "vs": vs})
         sess.run_with_iobinding(b)
         out = b.copy_outputs_to_cpu()[2][0]
         worst["max_error"] = max(worst["max_error"], float(np.abs(out - ref).max()))
@@ -289,20 +288,12 @@ def cycled(threads: int, layers: int = 30) -> list[dict]:
         for used in (564, 1076, 1390):
             binds = []
             for kv, vv in bufs:
-                b = sess.io_binding()
                 feeds = {"qkv": rng.standard_normal((1, 1, (NH + 2 * KVH) * HD)).astype(np.float32),
                          "seqlens_k": np.array([used], np.int32), "total": np.array(used + 1, np.int32), "cos": cos,
                          "sin": sin, "pos": np.array([[used]], np.int64), "bias": np.zeros((1, 1, 1, used + 1), np.float32)}
                 if int8:
                     feeds.update(ks=scale, vs=scale)
-                for n, a in feeds.items():
-                    b.bind_cpu_input(n, a)
-                b.bind_ortvalue_input("pk", kv)
-                b.bind_ortvalue_input("pv", vv)
-                b.bind_ortvalue_output("ck", kv)
-                b.bind_ortvalue_output("cv", vv)
-                b.bind_output("out")
-                binds.append(b)
+                binds.append(bind_in_place(sess, kv, vv, feeds))
             ts = []
             for r in range(25):
                 t0 = time.perf_counter()

@@ -1,6 +1,7 @@
 """What an 8-bit KV cache would cost in quality, before building one: the cache rounded to int8 in NumPy.
 
-  python bench/kv8_quality.py BUNDLE [--threads 2] [--pass-keys 16] [--json bench/results/kv8_quality.json]
+  python bench/kv8_quality.py BUNDLE [--threads 2] [--pass-keys 16] [--chat-facts 0] [--caches fp32,channel,tensor]
+                               [--json bench/results/kv8_quality.json]
 
 onnxruntime's GroupQueryAttention can keep its cache in int8 (k_quant_type / v_quant_type, kv_cache_bit_width 8,
 static k_scale / v_scale: bench/gqa_attention.py times it). This measures what that rounding would do to the
@@ -11,7 +12,9 @@ same at every rotation, so a key that the runtime rotates never leaves its range
 calibrated as the largest magnitude over the first 2k tokens of Genesis, so tokens 4k-8k are held out.
 Measured against the same bundle with its fp32 cache: Genesis perplexity (0-1k, 4k-8k), top-1 agreement and mean
 KL over those 8k tokens, the in-window chat prompts (bench/quality.py's, 32 greedy tokens each, teacher-forced),
-and pass keys at 2k (`cortex-edge eval niah`'s held-out samples).
+pass keys at 2k (`cortex-edge eval niah`'s held-out samples) and, with --chat-facts N, one fact after 2k of
+talk (`cortex-edge eval chat-memory`'s first N chats: the rows are read with keys × rows_key_scale, which an
+8-bit range calibrated on plain text may clip).
 What this leaves out: speed (bench/gqa_attention.py), the kernel's own arithmetic (it dequantizes as scale × q, the
 same values), and the current token's own row, which this reads unrounded in its own step.
 """
@@ -109,9 +112,11 @@ def main():
     ap.add_argument("bundle")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--pass-keys", type=int, default=16, help="pass-key samples at 2k per variant (0: none)")
+    ap.add_argument("--chat-facts", type=int, default=0, help="chats with one fact after 2k of talk per variant")
+    ap.add_argument("--caches", default="fp32,channel,tensor", help="which caches: fp32, channel, tensor")
     ap.add_argument("--json", default="bench/results/kv8_quality.json")
     a = ap.parse_args()
-    from cortex_edge.runtime import niah
+    from cortex_edge.runtime import chat_memory, niah
     from cortex_edge.runtime.bundle import load_bundle
     from cortex_edge.runtime.chat import Chat
     from cortex_edge.runtime.engine import Engine
@@ -120,8 +125,11 @@ def main():
     chat = Chat(eng)
     ids = chat.plain.encode(TEXT.read_text(), add_special_tokens=False).ids
     t0 = time.time()
-    variants = {"fp32": None, "int8 per channel": calibrate(eng, ids[:2048], "channel"),
-                "int8 per tensor": calibrate(eng, ids[:2048], "tensor")}
+    names = {"fp32": "fp32", "channel": "int8 per channel", "tensor": "int8 per tensor"}
+    want = [c.strip() for c in a.caches.split(",") if c.strip()]
+    if not want or set(want) - set(names):
+        ap.error(f"--caches: a comma-separated list of {', '.join(names)}")
+    variants = {names[c]: None if c == "fp32" else calibrate(eng, ids[:2048], c) for c in want}
     rows, ref, ref_prompts, seqs = [], None, None, None
     for name, scales in variants.items():
         hook = Int8Cache(eng, scales) if scales is not None else None
@@ -137,6 +145,9 @@ def main():
         if a.pass_keys:
             r = niah.run(eng, [2048], a.pass_keys, memory_modes=(True,))["rows"][0]
             row["pass_keys_2k"] = {"correct": int(round(r["accuracy"] * r["samples"])), "samples": r["samples"]}
+        if a.chat_facts:
+            r = chat_memory.run(eng, [2048], a.chat_facts, control=False, reference=False)["rows"][0]
+            row["chat_facts_2k"] = {"correct": int(round(r["accuracy"] * r["facts"])), "facts": r["facts"]}
         if hook:
             hook.remove()
         rows.append(row)
@@ -146,7 +157,8 @@ def main():
     rep = {"bundle": a.bundle, "threads": a.threads, "calibration": "Genesis tokens 0-2k", "rows": rows,
            "buffer_bytes_full": {"fp32": fp32_bytes, "int8": fp32_bytes // 4},
            "seconds": round(time.time() - t0, 1),
-           "command": f"python bench/kv8_quality.py BUNDLE --threads {a.threads} --pass-keys {a.pass_keys}"}
+           "command": f"python bench/kv8_quality.py BUNDLE --threads {a.threads} --pass-keys {a.pass_keys} "
+                      f"--chat-facts {a.chat_facts} --caches {a.caches}"}
     with open(a.json, "w") as f:
         json.dump(rep, f, indent=1)
 
