@@ -1,7 +1,7 @@
 """What an 8-bit KV cache would cost in quality, before building one: the cache rounded to int8 in NumPy.
 
   python bench/kv8_quality.py BUNDLE [--threads 2] [--pass-keys 16] [--chat-facts 0] [--caches fp32,channel,tensor]
-                               [--json bench/results/kv8_quality.json]
+                               [--key-headroom 1] [--keep-rows] [--json bench/results/kv8_quality.json]
 
 onnxruntime's GroupQueryAttention can keep its cache in int8 (k_quant_type / v_quant_type, kv_cache_bit_width 8,
 static k_scale / v_scale: bench/gqa_attention.py times it). This measures what that rounding would do to the
@@ -40,18 +40,20 @@ def rounded(x: np.ndarray, s: np.ndarray) -> np.ndarray:
 
 class Int8Cache:
     """Wraps engine.place (called before every graph run) so that the buffers are rounded just before the kernel
-    reads them. scales: [(key scale, value scale)] per layer, each broadcastable to (1, KV, rows, hd)."""
+    reads them. scales: [(key scale, value scale)] per layer, each broadcastable to (1, KV, rows, hd).
+    keep_rows: the row slots (the buffers' first R rows) left unrounded."""
 
-    def __init__(self, engine, scales):
+    def __init__(self, engine, scales, keep_rows: bool = False):
         self.engine, self.scales, self.place = engine, scales, engine.place
+        self.first = engine.lay.rows if keep_rows else 0
         engine.place = self
 
     def __call__(self, st, delta, memory=True):
         self.place(st, delta, memory)
-        used = st.used(self.engine.lay)
+        used, r = st.used(self.engine.lay), self.first
         for (sk, sv), k, v in zip(self.scales, st.keys, st.values):
-            k[:, :, :used] = rounded(k[:, :, :used], sk)
-            v[:, :, :used] = rounded(v[:, :, :used], sv)
+            k[:, :, r:used] = rounded(k[:, :, r:used], sk)
+            v[:, :, r:used] = rounded(v[:, :, r:used], sv)
 
     def remove(self):
         self.engine.place = self.place
@@ -114,6 +116,8 @@ def main():
     ap.add_argument("--pass-keys", type=int, default=16, help="pass-key samples at 2k per variant (0: none)")
     ap.add_argument("--chat-facts", type=int, default=0, help="chats with one fact after 2k of talk per variant")
     ap.add_argument("--caches", default="fp32,channel,tensor", help="which caches: fp32, channel, tensor")
+    ap.add_argument("--key-headroom", type=float, default=1.0, help="the keys' calibrated scales times this")
+    ap.add_argument("--keep-rows", action="store_true", help="leave the row slots unrounded")
     ap.add_argument("--json", default="bench/results/kv8_quality.json")
     a = ap.parse_args()
     from cortex_edge.runtime import chat_memory, niah
@@ -129,10 +133,11 @@ def main():
     want = [c.strip() for c in a.caches.split(",") if c.strip()]
     if not want or set(want) - set(names):
         ap.error(f"--caches: a comma-separated list of {', '.join(names)}")
-    variants = {names[c]: None if c == "fp32" else calibrate(eng, ids[:2048], c) for c in want}
+    variants = {names[c]: None if c == "fp32" else [(k * np.float32(a.key_headroom), v)
+                                                      for k, v in calibrate(eng, ids[:2048], c)] for c in want}
     rows, ref, ref_prompts, seqs = [], None, None, None
     for name, scales in variants.items():
-        hook = Int8Cache(eng, scales) if scales is not None else None
+        hook = Int8Cache(eng, scales, a.keep_rows) if scales is not None else None
         ppl, _ = genesis(eng)
         lg = eng.feed(eng.new_state(), np.array(ids[:8192]), all_logits=True)
         pl, made = prompts_logits(eng, chat, seqs)
@@ -154,11 +159,13 @@ def main():
         print(json.dumps(row), flush=True)
     c = eng.cfg
     fp32_bytes = 2 * c.n_layers * c.n_kv_heads * eng.lay.capacity * c.head_dim * 4
-    rep = {"bundle": a.bundle, "threads": a.threads, "calibration": "Genesis tokens 0-2k", "rows": rows,
+    rep = {"bundle": a.bundle, "threads": a.threads, "calibration": "Genesis tokens 0-2k",
+           "key_headroom": a.key_headroom, "rows_left_unrounded": a.keep_rows, "rows": rows,
            "buffer_bytes_full": {"fp32": fp32_bytes, "int8": fp32_bytes // 4},
            "seconds": round(time.time() - t0, 1),
            "command": f"python bench/kv8_quality.py BUNDLE --threads {a.threads} --pass-keys {a.pass_keys} "
-                      f"--chat-facts {a.chat_facts} --caches {a.caches}"}
+                      f"--chat-facts {a.chat_facts} --caches {a.caches} --key-headroom {a.key_headroom}"
+                      + (" --keep-rows" if a.keep_rows else "")}
     with open(a.json, "w") as f:
         json.dump(rep, f, indent=1)
 
