@@ -85,8 +85,8 @@ def calibrate(engine, ids: list[int], per: str) -> list[tuple[np.ndarray, np.nda
 
 
 def prompts_logits(engine, chat, seqs=None):
-    """The in-window chat prompts teacher-forced: [(prompt len, logits over its reply)], the reply made greedily by
-    the first call (seqs None) and reused after."""
+    """The in-window chat prompts teacher-forced -> ([logits over each reply], [each reply's tokens]); the replies
+    are made greedily when seqs is None, else seqs' are fed (the same tokens for every cache)."""
     out, made = [], []
     for n, p in enumerate(PROMPTS):
         ids = chat.encode_segments(chat.fmt.segments([{"role": "user", "content": p}], add_generation_prompt=True))
