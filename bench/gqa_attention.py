@@ -30,6 +30,8 @@ S, R, W = 4, 48, 1024
 CAP = S + R + 2 * W
 THETA = 100000.0
 MAXP = CAP + 64
+DECODE_CAP = 1396  # buffer rows of the decode graphs: about the default bundle's (Layout.capacity: 1,394); the
+# rows in use timed here (at most 1,390) stay below both
 
 
 def rope_tables(n):
@@ -97,6 +99,13 @@ def reference(q, kbuf, vbuf, n_used, pos, bias):
     return (p @ vv).transpose(1, 0, 2).reshape(q.shape[0], NH * HD)
 
 
+def session(graph: bytes, threads: int) -> ort.InferenceSession:
+    o = ort.SessionOptions()
+    o.intra_op_num_threads = threads
+    o.log_severity_level = 3
+    return ort.InferenceSession(graph, o, providers=["CPUExecutionProvider"])
+
+
 def bind_in_place(sess, kv, vv, feeds: dict):
     """An IO binding of `feeds` with past and present bound to the same OrtValues (kv, vv): new rows in place."""
     b = sess.io_binding()
@@ -119,11 +128,7 @@ def bind(sess, kv, vv, q, k, v, total, cos, sin, pos, bias):
 
 def run(causal, threads=2, dt=np.float32):
     """dt float16: the buffers, inputs and kernel in fp16 (what a KV cache in fp16 would run)."""
-    o = ort.SessionOptions()
-    o.intra_op_num_threads = threads
-    o.log_severity_level = 3
-    sess = ort.InferenceSession(build(causal, TP.FLOAT16 if dt == np.float16 else TP.FLOAT), o,
-                                providers=["CPUExecutionProvider"])
+    sess = session(build(causal, TP.FLOAT16 if dt == np.float16 else TP.FLOAT), threads)
     rng = np.random.default_rng(0)
     cos, sin = (x.astype(dt) for x in rope_tables(MAXP))
     kbuf = np.zeros((1, KVH, CAP, HD), dt)
@@ -193,8 +198,8 @@ def run(causal, threads=2, dt=np.float32):
     }
 
 
-def build_decode(int8: bool, cap: int = 1396) -> bytes:
-    """A graph of packed q/k/v (T tokens) over a buffer of `cap` rows (SmolLM2's: 1,396), its cache fp32 or int8."""
+def build_decode(int8: bool, cap: int = DECODE_CAP) -> bytes:
+    """A graph of packed q/k/v (T tokens) over a buffer of `cap` rows, its cache fp32 or int8."""
     dt = TP.INT8 if int8 else TP.FLOAT
     ins = ["qkv", "", "", "pk", "pv", "seqlens_k", "total", "cos", "sin", "pos", "bias"]
     attrs = dict(num_heads=NH, kv_num_heads=KVH, do_rotary=1, causal=1)
@@ -224,9 +229,7 @@ def int8_check(threads: int) -> dict:
     token's own rounded row included; decode steps and chunks (1, 1, 5, 1, 16 tokens). Returns the largest
     errors: the output against that reference and against one reading its own row unrounded, and the stored
     rows against the rounding (in int8 steps)."""
-    o = ort.SessionOptions()
-    o.intra_op_num_threads = threads
-    sess = ort.InferenceSession(build_decode(True, cap=CAP), o, providers=["CPUExecutionProvider"])
+    sess = session(build_decode(True, cap=CAP), threads)
     rng = np.random.default_rng(2)
     cos, sin = rope_tables(MAXP)
     ks, vs = ((rng.random((1, KVH, 1, HD)) * 0.03 + 0.02).astype(np.float32) for _ in range(2))
@@ -271,13 +274,11 @@ def int8_check(threads: int) -> dict:
 
 def cycled(threads: int, layers: int = 30) -> list[dict]:
     """Median microseconds a layer of `layers` decode calls in turn, each over its own buffers, fp32 and int8."""
-    cap, out = 1396, []
+    cap, out = DECODE_CAP, []
     rng = np.random.default_rng(1)
     cos, sin = rope_tables(cap + 64)
     for int8 in (False, True):
-        o = ort.SessionOptions()
-        o.intra_op_num_threads = threads
-        sess = ort.InferenceSession(build_decode(int8), o, providers=["CPUExecutionProvider"])
+        sess = session(build_decode(int8), threads)
         scale = np.full((1, KVH, 1, HD), 4.0 / 127, np.float32)
         bufs = []
         for _ in range(layers):

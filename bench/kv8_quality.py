@@ -30,12 +30,18 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memory_harm import genesis  # noqa: E402
+from memory_harm import perplexity  # noqa: E402
 from quality import NEW_TOKENS, PROMPTS, TEXT, log_softmax  # noqa: E402
 
 
+def quantized(x: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """x as the 8-bit cache would hold it: int8 steps of s."""
+    return np.clip(np.rint(x / s), -127, 127).astype(np.int8)
+
+
 def rounded(x: np.ndarray, s: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(x / s), -127, 127) * s
+    """x as the kernel would read it back from the 8-bit cache."""
+    return quantized(x, s) * s
 
 
 class Int8Cache:
@@ -138,10 +144,9 @@ def main():
     rows, ref, ref_prompts, seqs = [], None, None, None
     for name, scales in variants.items():
         hook = Int8Cache(eng, scales, a.keep_rows) if scales is not None else None
-        ppl, _ = genesis(eng)
         lg = eng.feed(eng.new_state(), np.array(ids[:8192]), all_logits=True)
         pl, made = prompts_logits(eng, chat, seqs)
-        row = {"cache": name, "genesis_perplexity": ppl}
+        row = {"cache": name, "genesis_perplexity": perplexity(lg, ids[:8192])}
         if ref is None:
             ref, ref_prompts, seqs = lg, pl, made
         else:

@@ -33,8 +33,13 @@ def genesis(eng, memory: bool = True):
     ids = Chat(eng).plain.encode(TEXT.read_text(), add_special_tokens=False).ids[:8192]
     st = eng.new_state()
     lg = eng.feed(st, np.array(ids), all_logits=True, memory=memory)
+    return perplexity(lg, ids), st
+
+
+def perplexity(lg: np.ndarray, ids: list[int]) -> dict:
+    """lg (8192, V): the logits of Genesis' first 8,192 tokens ids -> perplexity at tokens 0-1k and 4k-8k."""
     nll = -log_softmax(lg[:-1])[np.arange(len(ids) - 1), ids[1:]]
-    return {"0-1k": float(np.exp(nll[:1023].mean())), "4k-8k": float(np.exp(nll[4095:8191].mean()))}, st
+    return {"0-1k": float(np.exp(nll[:1023].mean())), "4k-8k": float(np.exp(nll[4095:8191].mean()))}
 
 
 def main():
