@@ -46,7 +46,7 @@ class Recorder:
         self.cpu[name] = np.array(x)
 
     def bind_ortvalue_input(self, name, v):
-        self.values[name] = v.numpy()
+        self.values[name] = v.numpy().copy()  # numpy() is a view of the engine's array, freed with its state
 
     def bind_ortvalue_output(self, name, v):
         pass
