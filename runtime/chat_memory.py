@@ -79,5 +79,6 @@ def run(engine: Engine, lengths: list[int], samples: int, facts: int = 1, varian
         if ref and ref["accuracy"] > 0:
             r["share_of_in_window"] = r["accuracy"] / ref["accuracy"]
     return {"bundle": str(engine.bundle.path), "weights": engine.bundle.weights, "state": engine.state_format,
+            "kv_cache": engine.bundle.kv_cache,
             "window": engine.cfg.window, "sinks": engine.cfg.sinks, "facts_per_chat": facts,
             "held_out_seed": mt.HELD_OUT_SEED, "first": first, "rows": rows}

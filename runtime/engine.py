@@ -33,7 +33,7 @@ import onnxruntime as ort
 
 from cortex_edge import contract
 from cortex_edge.config import ModelConfig
-from cortex_edge.quantize import state_codec
+from cortex_edge.quantize import kv_cache, state_codec
 from cortex_edge.runtime import cms, ring
 from cortex_edge.runtime import rows as rows_mod
 from cortex_edge.runtime.bundle import Bundle
@@ -95,13 +95,17 @@ class Engine:
         self.lay = ring.Layout.of(self.cfg)
         self._in = contract.input_names(L, lv, bool(self.cfg.cms.rows))
         self._out = contract.output_names(L)
-        self._check_graph_shapes()
+        self.kv_scales = self._check_graph_shapes()
+        if self.kv_scales is not None:  # the key scales stacked (layers, KV, 1, hd), for place()
+            ks = np.stack([k for k, _ in self.kv_scales])
+            self._key_scales = {"all": ks, "rows": ks[list(self.row_layers)]}
         self._binding: tuple[list[int], ort.IOBinding, list] | None = None
         self._ropes: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # place(): the angles of each distance
         self._halves: dict[str, tuple] = {}  # place(): the sinks' and rows' keys with their rotate_half
 
-    def _check_graph_shapes(self) -> None:
-        """The graphs must take exactly the contract's inputs, with the config's fixed sizes."""
+    def _check_graph_shapes(self) -> list[tuple[np.ndarray, np.ndarray]] | None:
+        """The graphs must take exactly the contract's inputs, with the config's fixed sizes. Returns the scales
+        of an 8-bit attention cache [(key scale, value scale) (KV, 1, hd)] a layer, or None (fp32 buffers)."""
         c = self.cfg
         M = self.lay.capacity
         want = {contract.past_key(0): [1, c.n_kv_heads, M, c.head_dim],
@@ -116,14 +120,21 @@ class Engine:
         for name, shape in want.items():
             if list(got[name]) != shape:
                 raise BundleError(f"bundle graph input {name} has shape {got[name]}, the config says {shape}")
+        types = {i.name: i.type for i in self.sess.get_inputs() if i.name.startswith(("past_key.", "past_value."))}
+        kv = {"tensor(float)": "fp32", "tensor(int8)": "int8"}.get(types[contract.past_key(0)])
+        if kv is None or set(types.values()) != {types[contract.past_key(0)]} or kv != self.bundle.kv_cache:
+            raise BundleError(f"bundle graph's attention buffers are {sorted(set(types.values()))}, its manifest "
+                              f"says a {self.bundle.kv_cache} cache")
+        return load_kv_scales(self.bundle) if kv == "int8" else None
 
     # ------------------------------------------------------------------ state
     def new_state(self) -> State:
         c = self.cfg
         shape = (1, c.n_kv_heads, self.lay.capacity, c.head_dim)  # zeros: pages become resident as they fill
         levels = [self._store(lv) for lv in cms.empty_levels(c.cms)]
-        st = State(keys=[np.zeros(shape, np.float32) for _ in range(c.n_layers)],
-                   values=[np.zeros(shape, np.float32) for _ in range(c.n_layers)],
+        dt = np.float32 if self.kv_scales is None else np.int8
+        st = State(keys=[np.zeros(shape, dt) for _ in range(c.n_layers)],
+                   values=[np.zeros(shape, dt) for _ in range(c.n_layers)],
                    levels=levels, acc=np.zeros(c.cms.event_dim, np.float32))
         if c.cms.rows:
             st.rows = rows_mod.empty(c, self.state_format)
@@ -170,16 +181,17 @@ class Engine:
         old = max(st.prepared, 0)
         d_base, d_frame = lay.base(c0) - lay.base(old), lay.frame(c0) - lay.frame(old)
         used = st.used(lay)
-        for k, v in zip(st.keys, st.values):
+        for i, (k, v) in enumerate(zip(st.keys, st.values)):
             if d_base:  # the oldest d_base tokens of the region are out of every coming query's window
                 for a in (k, v):
                     a[:, :, R + S:used - d_base] = a[:, :, R + S + d_base:used]
-                    a[:, :, used - d_base:used] = 0.0
+                    a[:, :, used - d_base:used] = 0
             if d_frame:
-                k[:, :, R + S:used - d_base] = ring.rotate(k[:, :, R + S:used - d_base], -d_frame, c.rope_theta,
-                                                           c.rope_freq_divisors)
+                region = slice(R + S, used - d_base)
+                k[:, :, region] = self._stored(ring.rotate(self._read(k[:, :, region], i), -d_frame, c.rope_theta,
+                                                           c.rope_freq_divisors), i)
         if st.sink_keys is None and c0 >= S and st.placed == 0:  # every sink is in, at its own position
-            st.sink_keys = np.stack([k[0, :, R:R + S] for k in st.keys])
+            st.sink_keys = np.stack([self._read(k[0, :, R:R + S], i) for i, k in enumerate(st.keys)])
         st.prepared = c0
         st.placed = None  # the rows are written again below (place): they may have changed at the last event
         self.place(st, 0, memory)
@@ -194,18 +206,34 @@ class Engine:
         cos, sin = self._rope(delta)
         if st.sink_keys is not None and S:
             sinks = ring.rotate_pair(*self._with_half("sinks", st.sink_keys, lambda k: k), cos, sin)
+            sinks = self._stored_layers(sinks, "all")
             for i, k in enumerate(st.keys):
                 k[0, :, R:R + S] = sinks[i]
         if R and len(self.row_layers):
             views = st.row_views if memory else self._empty_row_views()
             if st.placed is None:  # the rows were (re)written: their values too (values are never rotated)
                 for j, i in enumerate(self.row_layers):
-                    st.values[i][0, :, :R] = views[1][j]
+                    st.values[i][0, :, :R] = self._stored(views[1][j], i, 1)
             # every row layer's keys at once (row layers, KV, R, hd)
             keys = ring.rotate_pair(*self._with_half("rows", views, lambda v: np.stack(v[0])), cos, sin)
+            keys = self._stored_layers(keys, "rows")
             for j, i in enumerate(self.row_layers):
                 st.keys[i][0, :, :R] = keys[j]
         st.placed = delta
+
+    def _stored(self, x: np.ndarray, i: int, which: int = 0) -> np.ndarray:
+        """fp32 rows x (..., KV, rows, hd) as layer i's buffer holds them: themselves, or int8 steps of an 8-bit
+        cache's scales (which: 0 keys, 1 values; quantize/kv_cache.py)."""
+        return x if self.kv_scales is None else kv_cache.quantize(x, self.kv_scales[i][which])
+
+    def _stored_layers(self, keys: np.ndarray, layers: str) -> np.ndarray:
+        """Keys of every layer ("all") or of the row layers ("rows"), (layers, KV, rows, hd), as their buffers hold
+        them, in one pass (place() does this before every decode step)."""
+        return keys if self.kv_scales is None else kv_cache.quantize(keys, self._key_scales[layers])
+
+    def _read(self, x: np.ndarray, i: int, which: int = 0) -> np.ndarray:
+        """Rows of layer i's buffer (..., KV, rows, hd) as fp32."""
+        return x if self.kv_scales is None else kv_cache.dequantize(x, self.kv_scales[i][which])
 
     def _with_half(self, slot: str, source, make) -> tuple[np.ndarray, np.ndarray]:
         """(x, ring.rotate_half(x)) for x = make(source), made again only when source is another object (it is
@@ -256,7 +284,7 @@ class Engine:
         b = self.sess.io_binding()
         new = []
         for past, present, a in self._buffers(st):
-            out = np.empty((1, c.n_kv_heads, T, c.head_dim), np.float32)
+            out = np.empty((1, c.n_kv_heads, T, c.head_dim), a.dtype)
             b.bind_ortvalue_input(past, ort.OrtValue.ortvalue_from_numpy(a))
             b.bind_ortvalue_output(present, ort.OrtValue.ortvalue_from_numpy(out))
             new.append((a, out))
@@ -324,7 +352,8 @@ class Engine:
         st.acc = np.zeros_like(st.acc)
         self._level_views(st)
         if st.rows is not None:
-            info["rows"] = rows_mod.event(st.rows, st.keys, st.values, st.n, self.cfg, self.state_format)
+            info["rows"] = rows_mod.event(st.rows, st.keys, st.values, st.n, self.cfg, self.state_format,
+                                          self.kv_scales)
             if info["rows"]:  # rows change rarely: their views are rebuilt only then
                 st.row_views = rows_mod.views(st.rows, self.cfg, self.state_format)
         return info
@@ -392,6 +421,28 @@ def release_free_memory() -> None:
         libc.malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def load_kv_scales(bundle: Bundle) -> list[tuple[np.ndarray, np.ndarray]]:
+    """An 8-bit attention cache's scales from the bundle: [(key scale, value scale) (KV, 1, hd)] a layer."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    c = bundle.config
+    try:
+        w = load_file(str(bundle.file(contract.KV_SCALES)))
+    except (SafetensorError, OSError) as e:
+        raise BundleError(f"attention cache scales unreadable: {e}") from None
+    out = []
+    for i in range(c.n_layers):
+        pair = []
+        for name in (contract.key_scale(i), contract.value_scale(i)):
+            x = w.get(name)
+            if x is None or x.shape != (c.n_kv_heads, c.head_dim) or not np.all(np.isfinite(x) & (x > 0)):
+                raise BundleError(f"attention cache scale {name} is missing, misshapen or not positive")
+            pair.append(np.ascontiguousarray(x.astype(np.float32)[:, None, :]))
+        out.append((pair[0], pair[1]))
+    return out
 
 
 def load_write_weights(bundle: Bundle) -> dict[str, np.ndarray]:

@@ -101,5 +101,6 @@ def run(engine: Engine, lengths: list[int], samples: int, memory_modes=(True, Fa
                          "seconds": time.perf_counter() - t0, "cases": cases})
     engine.state_format = own
     return {"bundle": str(engine.bundle.path), "weights": engine.bundle.weights, "state": engine.bundle.state_format,
+            "kv_cache": engine.bundle.kv_cache,
             "window": engine.cfg.window, "sinks": engine.cfg.sinks, "held_out_seed": HELD_OUT_SEED, "first": first,
             "rows": rows}

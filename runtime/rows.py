@@ -39,7 +39,7 @@ import numpy as np
 
 from cortex_edge import contract
 from cortex_edge.config import ModelConfig
-from cortex_edge.quantize import state_codec
+from cortex_edge.quantize import kv_cache, state_codec
 from cortex_edge.runtime import ring
 from cortex_edge.runtime.cms import sigmoid
 from cortex_edge.runtime.ring import NEG_INF
@@ -126,12 +126,19 @@ def _set_slot(enc: dict[str, np.ndarray], j: int, rows: np.ndarray, fmt: str) ->
         enc[key][j * n:(j + 1) * n] = a
 
 
+def _row(bufs: list[np.ndarray], i: int, slot: int, kv_scales: list | None, which: int) -> np.ndarray:
+    """Buffer row `slot` of layer i (KV, hd) as fp32."""
+    x = bufs[i][0, :, slot]
+    return x if kv_scales is None else kv_cache.dequantize(x, kv_scales[i][which][:, 0])
+
+
 def event(rs: RowState, buf_keys: list[np.ndarray], buf_values: list[np.ndarray], n: int, cfg: ModelConfig,
-          fmt: str) -> list[tuple[int, int, float]]:
+          fmt: str, kv_scales: list | None = None) -> list[tuple[int, int, float]]:
     """At the event that ends the chunk before token n: commit the chunk before it, its tokens whose gate or one of
     the next L tokens' gates passes tau taking the weakest slots. buf_keys[i], buf_values[i] (1, KV, M, hd): every
-    layer's buffer as the chunk that just ended left it (ring.py), keys rotated in its frame. Returns the writes
-    (token, slot, strength)."""
+    layer's buffer as the chunk that just ended left it (ring.py), keys rotated in its frame; kv_scales: an 8-bit
+    cache's [(key scale, value scale) (KV, 1, hd)] a layer (engine.load_kv_scales), None for fp32 buffers.
+    Returns the writes (token, slot, strength)."""
     c = cfg.cms
     S, C, L = cfg.sinks, c.chunk, c.rows_lookahead
     layers = list(c.row_layers(cfg.n_layers))
@@ -148,9 +155,9 @@ def event(rs: RowState, buf_keys: list[np.ndarray], buf_values: list[np.ndarray]
             continue
         slot = int(lay.index(a, n - C))
         delta = int(row_position(j, cfg)) - (a - f)
-        k = np.stack([ring.rotate(buf_keys[i][0, :, slot, :], delta, cfg.rope_theta, cfg.rope_freq_divisors)
-                      for i in layers])  # (Lr, KV, hd)
-        v = np.stack([buf_values[i][0, :, slot] for i in layers])  # (Lr, KV, hd)
+        k = np.stack([ring.rotate(_row(buf_keys, i, slot, kv_scales, 0), delta, cfg.rope_theta,
+                                  cfg.rope_freq_divisors) for i in layers])  # (Lr, KV, hd)
+        v = np.stack([_row(buf_values, i, slot, kv_scales, 1) for i in layers])  # (Lr, KV, hd)
         _set_slot(rs.keys, j, k.reshape(-1, cfg.head_dim), fmt)
         _set_slot(rs.values, j, v.reshape(-1, cfg.head_dim), fmt)
         rs.usage *= np.float32(1.0 - c.rows_decay)

@@ -57,12 +57,29 @@ class GraphLengths(NamedTuple):
     total: torch.Tensor
 
 
-def gqa_reference(q, k, v, buf_k, buf_v, total: int, bias, scale: float):
+def kv_round(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x as an 8-bit cache holds it, in steps of s (quantize/kv_cache.py)."""
+    return torch.clamp(torch.round(x / s), -128, 127) * s
+
+
+def kv_quantize(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x (already on the grid of s, kv_round) as the cache's int8."""
+    return torch.clamp(torch.round(x / s), -128, 127).to(torch.int8)
+
+
+def gqa_reference(q, k, v, buf_k, buf_v, total: int, bias, scale: float, kv_scale=None):
     """What onnxruntime's GroupQueryAttention computes over a shared buffer, in plain torch.
     q (B, H, T, hd), k, v (B, KV, T, hd) rotated; buf_k, buf_v (B, KV, M, hd); bias (1 or B, 1, T, total).
     The new keys and values are written at rows total - T .. total - 1, and every query attends to rows
     0 .. total - 1 (visibility is the bias). Head h reads KV head h // (H / KV) (HF repeat_kv).
+    kv_scale: (key scale, value scale) (1, KV, 1, hd) of an 8-bit cache: the buffers are int8, the new rows
+    stored rounded and read back rounded, their own included.
     Returns the output (B, T, H * hd) and the buffers with the new rows written."""
+    if kv_scale is not None:
+        (ks, vs), dq = kv_scale, (lambda b, s: b.to(torch.float32) * s)
+        o, pk, pv = gqa_reference(q, kv_round(k, ks), kv_round(v, vs), dq(buf_k, ks), dq(buf_v, vs), total, bias,
+                                  scale)
+        return o, kv_quantize(pk, ks), kv_quantize(pv, vs)
     B, H, T, hd = q.shape
     p0 = total - T
     pk = torch.cat([buf_k[:, :, :p0], k, buf_k[:, :, total:]], dim=2)  # (B, KV, M, hd)
@@ -82,24 +99,30 @@ class _ExportedGQA(torch.autograd.Function):
     training run gqa_reference."""
 
     @staticmethod
-    def forward(ctx, qkv, buf_k, buf_v, seqlens_k, total, pos, cos_t, sin_t, bias, n_heads, kv_heads):
+    def forward(ctx, qkv, buf_k, buf_v, seqlens_k, total, pos, cos_t, sin_t, bias, n_heads, kv_heads, ks=None,
+                vs=None):
         B, T, _ = qkv.shape
         hd = buf_k.shape[-1]
         x = qkv.view(B, T, n_heads + 2 * kv_heads, hd).transpose(1, 2)
         cos, sin = rope_of(RopeTables(pos, cos_t, sin_t))
         q, k, v = x.split([n_heads, kv_heads, kv_heads], dim=1)
         return gqa_reference(rotate(q, cos, sin), rotate(k, cos, sin), v, buf_k, buf_v, int(total), bias,
-                             1.0 / math.sqrt(hd))
+                             1.0 / math.sqrt(hd), None if ks is None else (ks, vs))
 
     @staticmethod
-    def symbolic(g, qkv, buf_k, buf_v, seqlens_k, total, pos, cos_t, sin_t, bias, n_heads, kv_heads):
+    def symbolic(g, qkv, buf_k, buf_v, seqlens_k, total, pos, cos_t, sin_t, bias, n_heads, kv_heads, ks=None,
+                 vs=None):
         from torch.onnx import symbolic_helper as sh
         none = sh._optional_input_placeholder_tensor(g)
         hd = buf_k.type().sizes()[-1]
+        int8 = {}  # the 8-bit cache (quantize/kv_cache.py): static scales, inputs 12 and 13 after head_sink
+        if ks is not None:
+            int8 = dict(k_quant_type_s="PER_CHANNEL", v_quant_type_s="PER_CHANNEL", kv_cache_bit_width_i=8)
+        scales = [] if ks is None else [none, ks, vs]
         if hd % 16 == 0:  # rotary inside the kernel, which takes only head sizes that are multiples of 16
             out, pk, pv = g.op("com.microsoft::GroupQueryAttention", qkv, none, none, buf_k, buf_v, seqlens_k, total,
-                               cos_t, sin_t, pos, bias, num_heads_i=n_heads, kv_num_heads_i=kv_heads, do_rotary_i=1,
-                               rotary_interleaved_i=0, outputs=3)
+                               cos_t, sin_t, pos, bias, *scales, num_heads_i=n_heads, kv_num_heads_i=kv_heads,
+                               do_rotary_i=1, rotary_interleaved_i=0, outputs=3, **int8)
         else:  # the same maths, the rotation as its own kernel first (3 more operators a layer)
             qk_size = g.op("Constant", value_t=torch.tensor([(n_heads + kv_heads) * hd, kv_heads * hd]))
             qk, v = g.op("Split", qkv, qk_size, axis_i=-1, outputs=2)
@@ -108,8 +131,8 @@ class _ExportedGQA(torch.autograd.Function):
             q_size = g.op("Constant", value_t=torch.tensor([n_heads * hd, kv_heads * hd]))
             q, k = g.op("Split", qk, q_size, axis_i=-1, outputs=2)
             out, pk, pv = g.op("com.microsoft::GroupQueryAttention", q, k, v, buf_k, buf_v, seqlens_k, total,
-                               none, none, none, bias, num_heads_i=n_heads, kv_num_heads_i=kv_heads, do_rotary_i=0,
-                               outputs=3)
+                               none, none, none, bias, *scales, num_heads_i=n_heads, kv_num_heads_i=kv_heads,
+                               do_rotary_i=0, outputs=3, **int8)
         for t, like in ((pk, buf_k), (pv, buf_v)):
             t.setType(like.type())
         sizes = qkv.type().varyingSizes()  # (B, T, (H + 2 KV) hd), B and T possibly symbolic
@@ -175,6 +198,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, KV * hd, bias=cfg.attn_bias)
         self.o_proj = nn.Linear(H * hd, cfg.dim, bias=cfg.attn_out_bias)
         self.qkv_proj: nn.Linear | None = None  # fuse(): one matmul for q, k, v (the exported graph)
+        # an 8-bit attention cache (CortexLM.with_kv_cache): (key scale, value scale) (1, KV, 1, hd); the buffers
+        # are then int8 in both forms, and the new rows are rounded before anything reads them
+        self.kv_scale: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @torch.no_grad()
     def fuse(self) -> None:
@@ -211,9 +237,10 @@ class Attention(nn.Module):
             qkv = self.qkv_proj(x)
         else:
             qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)  # (B, T, (H + 2KV) hd)
+        kvs = self.kv_scale
         if gqa and isinstance(q_rope, RopeTables):
             o, pk, pv = _ExportedGQA.apply(qkv, buf_k, buf_v, total.seqlens_k, total.total, q_rope.pos, q_rope.cos,
-                                           q_rope.sin, bias, H, KV)
+                                           q_rope.sin, bias, H, KV, *(kvs or ()))
             return self.o_proj(o), pk, pv
         if isinstance(total, GraphLengths) and not torch.onnx.is_in_onnx_export():
             total = int(total.total)  # the graph module run eagerly (export validation)
@@ -221,10 +248,15 @@ class Attention(nn.Module):
         qc = rope_of(q_rope)
         qr, k = rotate(q, *qc), rotate(k, *qc)
         if gqa:
-            o, pk, pv = gqa_reference(qr, k, v, buf_k, buf_v, total, bias, 1.0 / math.sqrt(hd))
+            o, pk, pv = gqa_reference(qr, k, v, buf_k, buf_v, total, bias, 1.0 / math.sqrt(hd), kvs)
             return self.o_proj(o), pk, pv
+        if kvs is not None:  # the 8-bit cache: read back in steps of the scales, the new rows too
+            (ks, vs), k, v = kvs, kv_round(k, kvs[0]), kv_round(v, kvs[1])
+            buf_k, buf_v = buf_k.to(torch.float32) * ks, buf_v.to(torch.float32) * vs
         o = exact_attention(qr, rotate(q, *rope_of(sink_rope)), k, v, buf_k, buf_v, total, bias, fixed,
                             1.0 / math.sqrt(hd))
+        if kvs is not None:
+            k, v = kv_quantize(k, kvs[0]), kv_quantize(v, kvs[1])
         return self.o_proj(o), k, v
 
 
@@ -341,6 +373,25 @@ class CortexLM(nn.Module):
         self.cms_read = CMSReader(cfg.dim, cfg.cms, cfg.norm_eps)
         self.cms_write = CMSWriter(cfg.cms)
 
+    def with_kv_cache(self, scales: list[tuple] | None) -> CortexLM:
+        """A copy keeping its attention buffers in 8 bits: scales [(key scale, value scale) (KV, hd)] a layer
+        (quantize/kv_cache.py; None: fp32 buffers). The exported graph, TorchStream and the runtime then hold int8
+        buffers and round every row they write."""
+        import copy
+
+        m = copy.deepcopy(self)
+        for layer, sc in zip(m.model.layers, scales or [None] * len(m.model.layers)):
+            layer.self_attn.kv_scale = None if sc is None else tuple(
+                torch.as_tensor(x, dtype=torch.float32).reshape(1, self.cfg.n_kv_heads, 1, self.cfg.head_dim)
+                for x in sc)
+        return m
+
+    @property
+    def kv_scales(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """[(key scale, value scale) (1, KV, 1, hd)] a layer of an 8-bit attention cache, or None."""
+        s = [layer.self_attn.kv_scale for layer in self.model.layers]
+        return None if s[0] is None else s
+
     @torch.no_grad()
     def init_weights(self, seed: int, std: float = 0.02) -> CortexLM:
         """Deterministic random init (builtin models are made from a seed). Keeps the sidecar's W_o at zero."""
@@ -414,8 +465,10 @@ class TorchStream:
         self.model, self.cfg, self.batch = model, cfg, batch
         self.lay = ring.Layout.of(cfg)
         M = self.lay.capacity
-        self.keys = [torch.zeros(batch, cfg.n_kv_heads, M, cfg.head_dim) for _ in range(cfg.n_layers)]
-        self.values = [torch.zeros(batch, cfg.n_kv_heads, M, cfg.head_dim) for _ in range(cfg.n_layers)]
+        self.kv = model.kv_scales  # an 8-bit cache: int8 buffers, every row written rounded (kv_quantize)
+        dt = torch.float32 if self.kv is None else torch.int8
+        self.keys = [torch.zeros(batch, cfg.n_kv_heads, M, cfg.head_dim, dtype=dt) for _ in range(cfg.n_layers)]
+        self.values = [torch.zeros(batch, cfg.n_kv_heads, M, cfg.head_dim, dtype=dt) for _ in range(cfg.n_layers)]
         self.prepared = -1  # the chunk start the buffers are laid out for
         self.mems, self.mem_keys, self.usage = empty_state(cfg.cms, batch)
         self.n = 0  # tokens seen
@@ -435,6 +488,14 @@ class TorchStream:
     def _rotate(self, x: torch.Tensor, delta: int) -> torch.Tensor:
         cfg = self.cfg
         return rotate(x, *rope_cos_sin(torch.tensor(delta), cfg.head_dim, cfg.rope_theta, cfg.rope_freq_divisors))
+
+    def _stored(self, x: torch.Tensor, i: int, which: int) -> torch.Tensor:
+        """x (fp32) as layer i's buffer holds it: itself, or int8 in an 8-bit cache (which: 0 keys, 1 values)."""
+        return x if self.kv is None else kv_quantize(kv_round(x, self.kv[i][which]), self.kv[i][which])
+
+    def _read(self, x: torch.Tensor, i: int, which: int) -> torch.Tensor:
+        """Layer i's buffer x as fp32."""
+        return x if self.kv is None else x.to(torch.float32) * self.kv[i][which]
 
     def row_keys_read(self) -> list[torch.Tensor]:
         """The row keys in the sinks' own frame, as they are read, times rows_key_scale. A slot's key is stored
@@ -474,14 +535,15 @@ class TorchStream:
             self.keys = [torch.cat([k[:, :, :R + S], k[:, :, keep], pad], dim=2) for k in self.keys]
             self.values = [torch.cat([v[:, :, :R + S], v[:, :, keep], pad], dim=2) for v in self.values]
         if d_frame:
-            self.keys = [torch.cat([k[:, :, :R + S], self._rotate(k[:, :, R + S:], -d_frame)], dim=2)
-                         for k in self.keys]
+            self.keys = [torch.cat([k[:, :, :R + S], self._stored(self._rotate(self._read(k[:, :, R + S:], i, 0),
+                                                                                -d_frame), i, 0)], dim=2)
+                         for i, k in enumerate(self.keys)]
         rl = self.cfg.cms.row_layers(self.cfg.n_layers)
         if R and len(rl):  # the rows in the sinks' own frame (the sinks are stored in it: they never move)
             rk = self.row_keys_read()
             for j, i in enumerate(rl):
-                self.keys[i] = torch.cat([rk[j], self.keys[i][:, :, R:]], dim=2)
-                self.values[i] = torch.cat([self.row_v[j], self.values[i][:, :, R:]], dim=2)
+                self.keys[i] = torch.cat([self._stored(rk[j], i, 0), self.keys[i][:, :, R:]], dim=2)
+                self.values[i] = torch.cat([self._stored(self.row_v[j], i, 1), self.values[i][:, :, R:]], dim=2)
         self.prepared = c0
 
     def piece(self, ids: torch.Tensor):
@@ -519,7 +581,8 @@ class TorchStream:
             before = self.row_token.clone()
             self.model.cms_write.rows.event(
                 self.row_k, self.row_v, self.row_usage, self.row_token, self.row_pending,
-                [self.keys[i] for i in rl], [self.values[i] for i in rl], self.n, cfg, self._rotate)
+                [self._read(self.keys[i], i, 0) for i in rl], [self._read(self.values[i], i, 1) for i in rl], self.n,
+                cfg, self._rotate)
             changed = torch.nonzero(self.row_token[0] != before[0]).flatten().tolist()
             self.row_writes += [(int(self.row_token[0, j]), j, float(self.row_usage[0, j])) for j in changed]
         if self.n % cfg.cms.chunk == 0:
