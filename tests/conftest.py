@@ -18,6 +18,8 @@ def pytest_addoption(parser):
     parser.addoption("--bundle", default=None, help="a prebuilt bundle, for runtime-only runs without torch (aarch64)")
     parser.addoption("--recall-bundle", default=None,
                      help="a prebuilt builtin:recall bundle (int8/int8), for runtime-only runs (aarch64)")
+    parser.addoption("--kv8-bundle", default=None,
+                     help="a prebuilt builtin:tiny bundle, fp32 weights and state, 8-bit attention cache (aarch64)")
 
 
 @pytest.fixture(scope="session")
@@ -64,6 +66,23 @@ def recall_bundle(request, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("bundles") / "recall-int8-int8"
     export_model("builtin:recall", out, weights="int8", state="int8", quiet=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def kv8_bundle(request, tmp_path_factory):
+    """--kv8-bundle when given, else builtin:tiny exported with fp32 weights and state and an 8-bit attention cache
+    (the cache's rounding is then the only rounding)."""
+    given = request.config.getoption("--kv8-bundle", default=None)
+    if given:
+        return given
+    if not HAS_TORCH:
+        pytest.skip("needs --kv8-bundle or torch to export builtin:tiny")
+    from cortex_edge.export.bundle_writer import write_bundle
+
+    model, tok, meta = request.getfixturevalue("tiny")
+    out = tmp_path_factory.mktemp("bundles") / "tiny-fp32-fp32-kv8"
+    write_bundle(model, tok, meta, out, weights="fp32", state="fp32", source="builtin:tiny", quiet=True, kv="int8")
     return out
 
 

@@ -11,34 +11,27 @@ import pytest
 
 from cortex_edge import contract
 from tests.conftest import requires_torch
-from tests.test_rows import _rows_model
-
-pytestmark = requires_torch
-
-
-def _write(model, tmp_path_factory, weights="fp32", state="fp32"):
-    from cortex_edge.export.bundle_writer import write_bundle
-
-    m, tok, meta = model
-    out = tmp_path_factory.mktemp("kv8") / "b"
-    write_bundle(m, tok, meta, out, weights=weights, state=state, source="builtin:tiny", quiet=True, kv="int8")
-    return out
 
 
 @pytest.fixture(scope="module")
-def kv8_plain(tiny, tmp_path_factory):
-    return tiny[0], _write(tiny, tmp_path_factory)
+def kv8_plain(tiny, kv8_bundle):
+    return tiny[0], kv8_bundle
 
 
 @pytest.fixture(scope="module")
 def kv8_rows(tmp_path_factory):
-    model = _rows_model("recency")  # a row level read 1.25 times louder: its keys must fit the cache too
-    return model[0], _write(model, tmp_path_factory)
+    from cortex_edge.export.bundle_writer import write_bundle
+    from tests.test_rows import _rows_model
+
+    m, tok, meta = _rows_model("recency")  # a row level read 1.25 times louder: its keys must fit the cache too
+    out = tmp_path_factory.mktemp("kv8") / "rows"
+    write_bundle(m, tok, meta, out, weights="fp32", state="fp32", source="builtin:tiny", quiet=True, kv="int8")
+    return m, out
 
 
 @pytest.fixture(params=["plain", "rows"])
 def kv8(request):
-    """(model, bundle) with an 8-bit cache: builtin:tiny, and a model with a row level."""
+    """(model, bundle) with an 8-bit cache, fp32 weights and state: builtin:tiny, and a model with a row level."""
     return request.getfixturevalue("kv8_" + request.param)
 
 
@@ -55,6 +48,7 @@ def _steps_apart(a: list[np.ndarray], b: list[np.ndarray]) -> tuple[int, float]:
     return int(max(x.max() for x in d)), float(np.mean([np.mean(x > 0) for x in d]))
 
 
+@requires_torch
 def test_the_cache_is_int8_with_the_bundles_scales(kv8):
     from cortex_edge.quantize import kv_cache
 
@@ -84,6 +78,7 @@ def _scales(bundle):
     return [(w[contract.key_scale(i)], w[contract.value_scale(i)]) for i in range(n)]
 
 
+@requires_torch
 def test_runtime_matches_the_torch_reference(kv8):
     """fp32 weights and state: the only rounding is the cache's, and both sides round the same rows the same way
     (the window wraps, the region moves and re-rotates, memory events, rows written and read)."""
@@ -113,10 +108,7 @@ def test_runtime_matches_the_torch_reference(kv8):
     assert np.abs(fp - ref).max() > 1e-4
 
 
-def test_chunk_equals_token_by_token(kv8):
-    """The decode branch (GroupQueryAttention's own 8-bit cache, the sinks and rows re-rounded in each token's
-    frame) against the chunk branch (the exact attention over the same int8 buffers)."""
-    _, bundle = kv8
+def _chunk_vs_token(bundle):
     eng = _engine(bundle)
     ids = np.random.default_rng(5).integers(3, eng.cfg.vocab_size, 300)
     a, b = eng.new_state(), eng.new_state()
@@ -131,6 +123,19 @@ def test_chunk_equals_token_by_token(kv8):
     assert steps <= 1 and share < 1e-2, (steps, share)
 
 
+@pytest.mark.aarch64
+def test_chunk_equals_token_by_token(kv8_bundle):
+    """The decode branch (GroupQueryAttention's own 8-bit cache, the sinks re-rounded in each token's frame)
+    against the chunk branch (the exact attention over the same int8 buffers); also on the emulated A76."""
+    _chunk_vs_token(kv8_bundle)
+
+
+@requires_torch
+def test_chunk_equals_token_by_token_with_rows(kv8_rows):
+    _chunk_vs_token(kv8_rows[1])
+
+
+@requires_torch
 def test_sessions_keep_the_int8_cache(kv8_rows, tmp_path):
     from cortex_edge.runtime import session as sess
 
@@ -147,14 +152,14 @@ def test_sessions_keep_the_int8_cache(kv8_rows, tmp_path):
     np.testing.assert_array_equal(eng.feed(st.copy(), [5, 6, 7]), eng.feed(back, [5, 6, 7]))
 
 
-def test_a_manifest_that_misstates_the_cache_is_refused(kv8_plain, tmp_path):
+@pytest.mark.aarch64
+def test_a_manifest_that_misstates_the_cache_is_refused(kv8_bundle, tmp_path):
     import shutil
 
     from cortex_edge.runtime.errors import BundleError
 
-    _, bundle = kv8_plain
     b = tmp_path / "b"
-    shutil.copytree(bundle, b)
+    shutil.copytree(kv8_bundle, b)
     man = json.loads((b / contract.MANIFEST).read_text())
     man["kv_cache"] = "fp32"
     (b / contract.MANIFEST).write_text(json.dumps(man))
@@ -166,6 +171,7 @@ def test_a_manifest_that_misstates_the_cache_is_refused(kv8_plain, tmp_path):
         _engine(b)
 
 
+@requires_torch
 def test_the_cli_exports_and_runs_an_int8_cache(tmp_path):
     from tests.test_cli import cli
 

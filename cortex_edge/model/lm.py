@@ -250,11 +250,10 @@ class Attention(nn.Module):
         if gqa:
             o, pk, pv = gqa_reference(qr, k, v, buf_k, buf_v, total, bias, 1.0 / math.sqrt(hd), kvs)
             return self.o_proj(o), pk, pv
-        if kvs is not None:  # the 8-bit cache: read back in steps of the scales, the new rows too
-            (ks, vs), k, v = kvs, kv_round(k, kvs[0]), kv_round(v, kvs[1])
-            buf_k, buf_v = buf_k.to(torch.float32) * ks, buf_v.to(torch.float32) * vs
+        if kvs is not None:  # the 8-bit cache: the new rows rounded as they will be stored, then read
+            k, v = kv_round(k, kvs[0]), kv_round(v, kvs[1])
         o = exact_attention(qr, rotate(q, *rope_of(sink_rope)), k, v, buf_k, buf_v, total, bias, fixed,
-                            1.0 / math.sqrt(hd))
+                            1.0 / math.sqrt(hd), kvs)
         if kvs is not None:
             k, v = kv_quantize(k, kvs[0]), kv_quantize(v, kvs[1])
         return self.o_proj(o), k, v
@@ -284,18 +283,21 @@ class _ExportedHead(torch.autograd.Function):
         return out
 
 
-def exact_attention(q, qs, k, v, buf_k, buf_v, total, bias, fixed: int, scale: float):
+def exact_attention(q, qs, k, v, buf_k, buf_v, total, bias, fixed: int, scale: float, kv_scale=None):
     """The exact form of the attention. q, qs (B, H, T, hd): the queries rotated at their positions and at their
     sink positions; k, v (B, KV, T, hd) the new tokens' (k rotated); buf_k, buf_v (B, KV, M, hd), rows
     0 .. total - T - 1 in use before them; the first `fixed` rows (rows and sinks, in the sinks' own frame) are
     scored with qs, the rest with q. bias (1, 1, T, total). Head h reads KV head h // (H / KV) (HF repeat_kv).
-    Returns the output (B, T, H * hd)."""
+    kv_scale: (key scale, value scale) (1, KV, 1, hd) of an 8-bit cache, whose int8 rows in use are read as
+    q * scale. Returns the output (B, T, H * hd)."""
     B, (H, T, hd), KV = graph_batch(q), q.shape[1:], k.shape[1]
     G = H // KV
     if isinstance(total, GraphLengths):
         pk, pv = _ExportedHead.apply(buf_k, total.total, k), _ExportedHead.apply(buf_v, total.total, v)
     else:
         pk, pv = buf_k[:, :, :total - T], buf_v[:, :, :total - T]
+    if kv_scale is not None:  # only the rows in use
+        pk, pv = pk.to(torch.float32) * kv_scale[0], pv.to(torch.float32) * kv_scale[1]
     keys, values = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)  # (B, KV, total, hd)
     q, qs = q.reshape(B, KV, -1, hd), qs.reshape(B, KV, -1, hd)  # head kv * G + g, token t: row g * T + t
     s = torch.cat([torch.matmul(qs, keys[:, :, :fixed].transpose(-1, -2)),
