@@ -1,13 +1,14 @@
 """Two bundles' decode steps, alternating in one process: is one graph faster than another on a noisy machine?
 
-  python bench/ab_bundles.py A B [--context 512,4k] [--rounds 12] [--tokens 32] [--threads 2]
+  python bench/ab_bundles.py A B [--context 512,4k] [--rounds 12] [--tokens 32] [--threads 2] [--prefill N]
                              [--json bench/results/ab_bundles.json]
 
 Both bundles are loaded side by side and fed the same random history; then, round after round, each decodes
 `--tokens` greedy tokens from a copy of its state (A first in odd rounds, B first in even ones). The machine's
 slow minutes hit both: the report is each round's median ms/token, their medians, and the share of rounds B
 won. Also the two bundles' greedy tokens over the first round (do the graphs compute the same thing?).
-What this leaves out: prefill, RSS and peers (`cortex-edge bench`, bench/race.py).
+--prefill N: also, round after round, each feeds the same N random tokens into a fresh state (tokens/s).
+What this leaves out: RSS and peers (`cortex-edge bench`, bench/race.py).
 """
 
 from __future__ import annotations
@@ -45,10 +46,25 @@ def main():
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prefill", type=int, default=0, help="also time feeding this many tokens, alternating")
     ap.add_argument("--json", default="bench/results/ab_bundles.json")
     a = ap.parse_args()
     engines = {k: Engine(load_bundle(p), threads=a.threads) for k, p in (("A", a.a), ("B", a.b))}
     rows = []
+    if a.prefill:
+        ids = np.random.default_rng(1).integers(3, engines["A"].cfg.vocab_size, a.prefill)
+        tps = {"A": [], "B": []}
+        for r in range(a.rounds):
+            for k in ("AB" if r % 2 == 0 else "BA"):
+                t = time.perf_counter()
+                engines[k].feed(engines[k].new_state(), ids)
+                tps[k].append(a.prefill / (time.perf_counter() - t))
+        row = {"prefill_tokens": a.prefill, "a_tok_s_per_round": tps["A"], "b_tok_s_per_round": tps["B"],
+               "a_tok_s_median": statistics.median(tps["A"]), "b_tok_s_median": statistics.median(tps["B"]),
+               "b_won_rounds": sum(y > x for x, y in zip(tps["A"], tps["B"])), "rounds": a.rounds}
+        rows.append(row)
+        print(f"prefill {a.prefill}: A {row['a_tok_s_median']:.0f}, B {row['b_tok_s_median']:.0f} tok/s (medians of "
+              f"{a.rounds} rounds; B faster in {row['b_won_rounds']})", flush=True)
     for ctx in _contexts(a.context):
         rng = np.random.default_rng(0)
         hist = rng.integers(3, engines["A"].cfg.vocab_size, ctx)
@@ -78,7 +94,7 @@ def main():
               flush=True)
     rep = {"a": a.a, "b": a.b, "threads": a.threads, "tokens_per_round": a.tokens, "rows": rows,
            "command": f"python bench/ab_bundles.py A B --context {a.context} --rounds {a.rounds} --tokens {a.tokens} "
-                      f"--threads {a.threads}"}
+                      f"--threads {a.threads}" + (f" --prefill {a.prefill}" if a.prefill else "")}
     with open(a.json, "w") as f:
         json.dump(rep, f, indent=1)
 

@@ -12,7 +12,9 @@ NumPy + onnxruntime only. One token's path:
    their own frame), and the graph runs its decode branch (T = 1) or its chunk branch (contract.py)
 
 State (all of it bounded, whatever the history length):
-   kv      per layer: keys, values (1, KV, M, hd) fp32   [rows | sinks | recent tokens] (ring.py), keys rotated;
+   kv      per layer: keys, values (1, KV, M, hd) fp32   [rows | sinks | recent tokens] (ring.py), keys rotated
+                                                          (int8 in an 8-bit cache: every row written is rounded
+                                                          with the bundle's static scales, quantize/kv_cache.py);
                                                           bound to the graph's past and present (IO binding),
                                                           so GroupQueryAttention writes a decode step's new rows
                                                           in place (a chunk's come out, NumPy writes them)
@@ -120,7 +122,8 @@ class Engine:
         for name, shape in want.items():
             if list(got[name]) != shape:
                 raise BundleError(f"bundle graph input {name} has shape {got[name]}, the config says {shape}")
-        types = {i.name: i.type for i in self.sess.get_inputs() if i.name.startswith(("past_key.", "past_value."))}
+        buffers = {contract.past_key(i) for i in range(c.n_layers)} | {contract.past_value(i) for i in range(c.n_layers)}
+        types = {i.name: i.type for i in self.sess.get_inputs() if i.name in buffers}
         kv = {"tensor(float)": "fp32", "tensor(int8)": "int8"}.get(types[contract.past_key(0)])
         if kv is None or set(types.values()) != {types[contract.past_key(0)]} or kv != self.bundle.kv_cache:
             raise BundleError(f"bundle graph's attention buffers are {sorted(set(types.values()))}, its manifest "
