@@ -1,5 +1,6 @@
 """A whole decode step with the 8-bit KV cache, before building it: the bundle's decode graph against the same graph
-with every GroupQueryAttention reading an int8 cache, on the same inputs.
+with every GroupQueryAttention reading an int8 cache, on the same inputs. (The built one: `cortex-edge export …
+--kv-cache int8`; bench/ab_bundles.py times it against the default bundle.)
 
   python bench/kv8_decode_speed.py BUNDLE [--context 4k] [--threads 2] [--rounds 30] [--steps 20]
                                    [--json bench/results/kv8_decode_speed.json]

@@ -1,4 +1,5 @@
 """What an 8-bit KV cache would cost in quality, before building one: the cache rounded to int8 in NumPy.
+(The built one: `cortex-edge export … --kv-cache int8`, quantize/kv_cache.py; docs/performance.md measures both.)
 
   python bench/kv8_quality.py BUNDLE [--threads 2] [--pass-keys 16] [--chat-facts 0] [--caches fp32,channel,tensor]
                                [--key-headroom 1] [--keep-rows] [--json bench/results/kv8_quality.json]
