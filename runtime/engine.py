@@ -97,7 +97,9 @@ class Engine:
         self.lay = ring.Layout.of(self.cfg)
         self._in = contract.input_names(L, lv, bool(self.cfg.cms.rows))
         self._out = contract.output_names(L)
-        self.kv_scales = self._check_graph_shapes()
+        self._check_graph_shapes()
+        # an 8-bit attention cache's scales [(key scale, value scale) (KV, 1, hd)] a layer, or None (fp32 buffers)
+        self.kv_scales = load_kv_scales(bundle) if bundle.kv_cache == "int8" else None
         if self.kv_scales is not None:  # the key scales stacked (layers, KV, 1, hd), for place()
             ks = np.stack([k for k, _ in self.kv_scales])
             self._key_scales = {"all": ks, "rows": ks[list(self.row_layers)]}
@@ -105,9 +107,9 @@ class Engine:
         self._ropes: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # place(): the angles of each distance
         self._halves: dict[str, tuple] = {}  # place(): the sinks' and rows' keys with their rotate_half
 
-    def _check_graph_shapes(self) -> list[tuple[np.ndarray, np.ndarray]] | None:
-        """The graphs must take exactly the contract's inputs, with the config's fixed sizes. Returns the scales
-        of an 8-bit attention cache [(key scale, value scale) (KV, 1, hd)] a layer, or None (fp32 buffers)."""
+    def _check_graph_shapes(self) -> None:
+        """The graphs must take exactly the contract's inputs, with the config's fixed sizes, and buffers of the
+        manifest's attention cache format."""
         c = self.cfg
         M = self.lay.capacity
         want = {contract.past_key(0): [1, c.n_kv_heads, M, c.head_dim],
@@ -128,7 +130,6 @@ class Engine:
         if kv is None or set(types.values()) != {types[contract.past_key(0)]} or kv != self.bundle.kv_cache:
             raise BundleError(f"bundle graph's attention buffers are {sorted(set(types.values()))}, its manifest "
                               f"says a {self.bundle.kv_cache} cache")
-        return load_kv_scales(self.bundle) if kv == "int8" else None
 
     # ------------------------------------------------------------------ state
     def new_state(self) -> State:

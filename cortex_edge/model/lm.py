@@ -63,8 +63,13 @@ def kv_round(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 
 def kv_quantize(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """x (already on the grid of s, kv_round) as the cache's int8."""
+    """x as the cache's int8 steps of s (the same steps as kv_round's)."""
     return torch.clamp(torch.round(x / s), -128, 127).to(torch.int8)
+
+
+def kv_dequantize(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """An 8-bit cache's int8 rows as the attention reads them."""
+    return q.to(torch.float32) * s
 
 
 def gqa_reference(q, k, v, buf_k, buf_v, total: int, bias, scale: float, kv_scale=None):
@@ -76,9 +81,9 @@ def gqa_reference(q, k, v, buf_k, buf_v, total: int, bias, scale: float, kv_scal
     stored rounded and read back rounded, their own included.
     Returns the output (B, T, H * hd) and the buffers with the new rows written."""
     if kv_scale is not None:
-        (ks, vs), dq = kv_scale, (lambda b, s: b.to(torch.float32) * s)
-        o, pk, pv = gqa_reference(q, kv_round(k, ks), kv_round(v, vs), dq(buf_k, ks), dq(buf_v, vs), total, bias,
-                                  scale)
+        ks, vs = kv_scale
+        o, pk, pv = gqa_reference(q, kv_round(k, ks), kv_round(v, vs), kv_dequantize(buf_k, ks),
+                                  kv_dequantize(buf_v, vs), total, bias, scale)
         return o, kv_quantize(pk, ks), kv_quantize(pv, vs)
     B, H, T, hd = q.shape
     p0 = total - T
@@ -297,7 +302,7 @@ def exact_attention(q, qs, k, v, buf_k, buf_v, total, bias, fixed: int, scale: f
     else:
         pk, pv = buf_k[:, :, :total - T], buf_v[:, :, :total - T]
     if kv_scale is not None:  # only the rows in use
-        pk, pv = pk.to(torch.float32) * kv_scale[0], pv.to(torch.float32) * kv_scale[1]
+        pk, pv = kv_dequantize(pk, kv_scale[0]), kv_dequantize(pv, kv_scale[1])
     keys, values = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)  # (B, KV, total, hd)
     q, qs = q.reshape(B, KV, -1, hd), qs.reshape(B, KV, -1, hd)  # head kv * G + g, token t: row g * T + t
     s = torch.cat([torch.matmul(qs, keys[:, :, :fixed].transpose(-1, -2)),
@@ -493,11 +498,11 @@ class TorchStream:
 
     def _stored(self, x: torch.Tensor, i: int, which: int) -> torch.Tensor:
         """x (fp32) as layer i's buffer holds it: itself, or int8 in an 8-bit cache (which: 0 keys, 1 values)."""
-        return x if self.kv is None else kv_quantize(kv_round(x, self.kv[i][which]), self.kv[i][which])
+        return x if self.kv is None else kv_quantize(x, self.kv[i][which])
 
     def _read(self, x: torch.Tensor, i: int, which: int) -> torch.Tensor:
         """Layer i's buffer x as fp32."""
-        return x if self.kv is None else x.to(torch.float32) * self.kv[i][which]
+        return x if self.kv is None else kv_dequantize(x, self.kv[i][which])
 
     def row_keys_read(self) -> list[torch.Tensor]:
         """The row keys in the sinks' own frame, as they are read, times rows_key_scale. A slot's key is stored
