@@ -160,9 +160,12 @@ ATOL_FP32_STATE = 1e-4
 RTOL_VALIDATION = 2e-3
 # with an 8-bit attention cache the graph rounds every new row: where torch and onnxruntime compute a value within
 # fp32 noise of a half step, one rounds up and the other down, and the next layers see inputs a step apart. Measured
-# on SmolLM2 (random buffers, T = 1, 3, 64): rows at most 2 steps apart, logits 5.1e-3 of their scale.
+# on SmolLM2 (random buffers, T = 1, 3, 64): logits 4.1e-3 of their scale; 2-5 % of a late layer's rows a step
+# apart, and flips that cascade through 30 layers leave a few 2-3 steps apart (the last layer's values: 17 of 12,288).
+# A wrong scale or offset moves most rows: rows more than a step apart must stay rare, and none beyond KV8_STEPS.
 RTOL_VALIDATION_KV8 = 2e-2
-KV8_STEPS = 2
+KV8_STEPS = 3
+KV8_FAR_FRACTION = 1e-2  # of a buffer's rows more than one step apart
 # decode path (T = 1) against chunk path (T > 1) in the runtime, relative to the logits' scale. Quantized
 # weights run MatMulNBits with int8 activations whose one-row and many-row kernels round differently:
 # measured up to 5e-4 (x86_64) and 6.9e-3 (aarch64, Cortex-A76 under qemu) on builtin:tiny int8.

@@ -105,7 +105,7 @@ def write_bundle(model: CortexLM, tokenizer, tok_meta: dict, out: Path, weights:
         from cortex_edge.export import kv_calibrate
 
         progress("calibrating the 8-bit attention cache")
-        kv_scales = kv_calibrate.calibrate(model, kv_calibrate.calibration_ids(tokenizer, cfg.vocab_size))
+        kv_scales = kv_calibrate.calibrate(model, kv_calibrate.calibration_ids(tokenizer, cfg.vocab_size, tok_meta))
         model = model.with_kv_cache(kv_scales)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".cortex-export-") as tmp:
         tmp = Path(tmp)

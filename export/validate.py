@@ -3,8 +3,8 @@
 Two checks, both written into the bundle manifest:
   graph    the fp32 ONNX graph against CortexLM.step on random inputs (T = 1, 3, C; an empty
            buffer and a moved one), every output, tolerance contract.RTOL_VALIDATION (an 8-bit cache:
-           RTOL_VALIDATION_KV8, its int8 rows KV8_STEPS apart at most); T = 1 runs the decode branch
-           (GroupQueryAttention's maths in torch), T > 1 the chunk branch (the exact attention);
+           RTOL_VALIDATION_KV8, its int8 rows KV8_STEPS apart at most and rarely more than one); T = 1 runs
+           the decode branch (GroupQueryAttention's maths in torch), T > 1 the chunk branch (the exact attention);
   stream   the finished bundle through the NumPy runtime (quantized weights and state included)
            against TorchStream on a 300-token run crossing the window and several memory events:
            logits, top-1 agreement, KL, and every CMS level's memory and keys.
@@ -37,7 +37,7 @@ def validate_graphs(model: CortexLM, path: Path) -> dict:
     names = contract.output_names(cfg.n_layers)
     int8 = model.kv_scales is not None
     rtol = contract.RTOL_VALIDATION_KV8 if int8 else contract.RTOL_VALIDATION
-    report: dict = {"rtol": rtol, "cases": [], "max_abs_diff": {}, "max_rel_diff": {}}
+    report: dict = {"rtol": rtol, "cases": [], "max_abs_diff": {}, "max_rel_diff": {}, "far_fraction": {}}
     worst = 0.0
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for t in sorted({1, min(3, cfg.cms.chunk), cfg.cms.chunk}):
@@ -48,10 +48,14 @@ def validate_graphs(model: CortexLM, path: Path) -> dict:
             got = sess.run(names, feed)
             ref = run_torch(modules[t == 1], feed)
             for name, g, r in zip(names, got, ref):
-                d = float(np.max(np.abs(g.astype(np.float64) - r)))
-                # an 8-bit cache's rows, in steps: up to contract.KV8_STEPS apart is rounding, more an error
-                rel = (0.0 if d <= contract.KV8_STEPS else d) if g.dtype == np.int8 else \
-                    d / max(1.0, float(np.max(np.abs(r))))
+                diff = np.abs(g.astype(np.float64) - r)
+                d = float(np.max(diff))
+                if g.dtype == np.int8:  # an 8-bit cache's rows, in steps: a few flips are rounding, more an error
+                    far = float(np.mean(diff > 1))
+                    report["far_fraction"][name] = max(report["far_fraction"].get(name, 0.0), far)
+                    rel = 0.0 if d <= contract.KV8_STEPS and far <= contract.KV8_FAR_FRACTION else max(d, 1.0)
+                else:
+                    rel = d / max(1.0, float(np.max(np.abs(r))))
                 report["max_abs_diff"][name] = max(report["max_abs_diff"].get(name, 0.0), d)
                 report["max_rel_diff"][name] = max(report["max_rel_diff"].get(name, 0.0), rel)
                 worst = max(worst, rel)

@@ -120,7 +120,9 @@ def _chunk_vs_token(bundle):
     assert np.mean(la.argmax(-1) == lb.argmax(-1)) >= 0.98
     eng.place(b, 0)  # both in the sinks' own frame
     steps, share = _steps_apart(a.keys + a.values, b.keys + b.values)
-    assert steps <= 1 and share < 1e-2, (steps, share)
+    # a flip in one layer moves the next layers' inputs by a step: a few rows cascade further (as in validation)
+    far = float(np.mean([np.mean(np.abs(x.astype(np.int16) - y) > 1) for x, y in zip(a.keys + a.values, b.keys + b.values)]))
+    assert steps <= contract.KV8_STEPS and share < 1e-2 and far <= contract.KV8_FAR_FRACTION / 10, (steps, share, far)
 
 
 @pytest.mark.aarch64
@@ -185,3 +187,32 @@ def test_the_cli_exports_and_runs_an_int8_cache(tmp_path):
     r = cli("bench", b, "--context", "0,200", "--new-tokens", "4", "--json", tmp_path / "bench.json")
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "bench.json").read_text())["kv_cache"] == "int8"
+
+
+@requires_torch
+def test_the_trained_memory_recalls_with_an_int8_cache(tmp_path):
+    """builtin:recall (byte level) with an 8-bit cache: its digits' keys and values reach 1.5-4.5 times what prose
+    does, so scales from prose alone clipped them and it recalled 1 pass key in 10 at 1k and 4k; the calibration's
+    chat and code texts cover them. The same thresholds as its fp32-cache test (test_niah.py)."""
+    from cortex_edge.export.pipeline import export_model
+    from cortex_edge.runtime import niah
+
+    out = tmp_path / "recall-kv8"
+    export_model("builtin:recall", out, weights="int8", state="int8", quiet=True, kv="int8")
+    rep = niah.run(_engine(out), [1024, 4096], 10, (True, False))
+    acc = {(r["length"], r["memory"]): r["accuracy"] for r in rep["rows"]}
+    assert acc[1024, True] >= 0.9 and acc[4096, True] >= 0.9, acc
+    assert acc[1024, False] <= 0.1 and acc[4096, False] <= 0.1, acc
+
+
+@requires_torch
+def test_the_calibration_texts_cover_prose_chat_and_code():
+    from cortex_edge.export import kv_calibrate
+    from cortex_edge.export.builtin import builtin
+
+    _, tok, meta = builtin("builtin:tiny")
+    texts = kv_calibrate.calibration_ids(tok, tok.get_vocab_size(), meta)
+    assert texts[0].size == kv_calibrate.TOKENS and all(512 <= t.size <= kv_calibrate.OTHER_TOKENS for t in texts[1:])
+    chat, code = (tok.decode(t.tolist(), skip_special_tokens=False) for t in texts[1:])
+    assert "<|im_start|>" in chat and "The pass key is" in chat and "Thank you" in chat, chat[-300:]
+    assert "def f_" in code and sum(c.isdigit() for c in code) > 200
