@@ -216,3 +216,21 @@ def test_the_calibration_texts_cover_prose_chat_and_code():
     chat, code = (tok.decode(t.tolist(), skip_special_tokens=False) for t in texts[1:])
     assert "<|im_start|>" in chat and "The pass key is" in chat and "Thank you" in chat, chat[-300:]
     assert "def f_" in code and sum(c.isdigit() for c in code) > 200
+
+
+@requires_torch
+def test_validation_tells_rounding_from_a_wrong_scale(tiny, tmp_path):
+    """The export's check allows a few cascaded rounding flips (contract.KV8_STEPS, KV8_FAR_FRACTION), and must
+    still fail a graph whose value scales are 5 % off the reference's (it then rounds most rows elsewhere)."""
+    from cortex_edge.export import kv_calibrate, onnx_export, validate
+
+    model, tok, meta = tiny
+    scales = kv_calibrate.calibrate(model, kv_calibrate.calibration_ids(tok, tok.get_vocab_size(), meta))
+    good = model.with_kv_cache(scales)
+    path = tmp_path / "graph.onnx"
+    onnx_export.export_graph(good, path)
+    ok = validate.validate_graphs(good, path)
+    assert ok["passed"], ok["worst"]
+    off = model.with_kv_cache([(k, v * 1.05) for k, v in scales])
+    bad = validate.validate_graphs(off, path)
+    assert not bad["passed"] and max(bad["far_fraction"].values()) > contract.KV8_FAR_FRACTION, bad["far_fraction"]
