@@ -4,8 +4,9 @@ The model (fp32 buffers) reads each calibration text through its own TorchStream
 every layer's buffer rows in use are measured: per KV head, the largest |value| per channel and the largest key
 length per rotary pair (rotation-invariant, so it bounds the key at every position the runtime re-rotates it to).
 The scales cover the largest of all texts. The texts are of three kinds, because static scales clip whatever their
-text did not reach: prose alone left the keys and values of digits 1.5-4.5 times out of range (builtin:recall then
-recalled 1 pass key in 10, not 9; SmolLM2's values on code reached 3.5 times its prose's):
+text did not reach: prose alone left the keys and values of digits up to 1.6 and 4.5 times out of range (with those
+scales builtin:recall recalled 1 pass key in 10 at 1k and at 4k, with these 10 in 10; SmolLM2's values on code
+reached 3.5 times its prose's):
 - prose: Genesis (KJV), shipped with the package, from its first token;
 - a chat through the model's own template (its control tokens and markup), whose message holds a pass key in filler;
 - code and numbers, generated from a seed.

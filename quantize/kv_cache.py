@@ -6,7 +6,7 @@ and reads q * scale (bench/gqa_attention.py checks that against NumPy). Everythi
 (the runtime's chunk rows, sinks, rows and re-rotations; the torch reference) rounds the same way, here.
 
 Scales come from a calibration run at export (export/kv_calibrate.py): a layer's largest |value| per channel over
-the calibration text, its largest key length per rotary pair (a key's channels i and i + hd/2 rotate together, so
+the calibration texts, its largest key length per rotary pair (a key's channels i and i + hd/2 rotate together, so
 the pair's length bounds both at every position), times rows_key_scale in the layers that read the row level
 (their rows are stored louder), over 127.
 What this leaves out: the CMS state's own int8 format (state_codec.py), weights (weights.py).
