@@ -46,12 +46,14 @@ def calibration_ids(tokenizer, vocab: int, tok_meta: dict | None = None, tokens:
     from cortex_edge.runtime import niah
     from cortex_edge.runtime.text import ChatFormat, ChatTemplateError
 
+    def ids(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False).ids
+
     def enc(text: str, n: int) -> np.ndarray:
-        return np.asarray(tokenizer.encode(text, add_special_tokens=False).ids[:n], np.int64)
+        return np.asarray(ids(text)[:n], np.int64)
 
     prose = enc(TEXT.read_text(encoding="utf-8")[:tokens * 8], tokens)
-    haystack = tokenizer.decode(niah.make_sample(lambda t: tokenizer.encode(t, add_special_tokens=False).ids,
-                                                 OTHER_TOKENS * 3 // 4, SEED)[0])
+    haystack = tokenizer.decode(niah.make_sample(ids, OTHER_TOKENS * 3 // 4, SEED)[0])
     meta = tok_meta or {}
     talk = [{"role": "user", "content": haystack}, {"role": "assistant", "content": "The pass key is 40817."},
             {"role": "user", "content": "Thank you. Now list three numbers and a line of code."}]
